@@ -1,0 +1,1 @@
+"""tfds builders for real data that ships inside installable packages, prepared offline."""

@@ -1,0 +1,93 @@
+"""The one list of config fields every recipe shares; configs/*.py start from here and override.
+
+Durations come as `*_steps` or `*_epochs` (one of the two); `resolve_steps` turns either into steps.
+Learning rates are per 512 images and scaled by the effective global batch, as in the paper.
+"""
+import ml_collections
+from ml_collections import config_dict
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def pretrain_config() -> ml_collections.ConfigDict:
+  """Every field of an image pretraining run, set to the paper's ViT-B/16 recipe values."""
+  c = ml_collections.ConfigDict()
+  c.task = 'pretrain'
+  c.seed = 0
+  c.batch_size = 2048  # global, per optimizer step (micro-batches x accum_steps)
+  c.total_steps = config_dict.placeholder(int)
+  c.total_epochs = config_dict.placeholder(float)
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = 'vit'  # vit | swin | swinv2
+  c.model.variant = 'B/16'  # decoded from the family's one variant table
+  c.model.style = 'beit'  # vit only: 'beit' (the official SimMIM ViT) or 'plain' (absolute pos. embedding)
+  c.model.image_size = 224
+  c.model.in_chans = 3
+  c.model.drop_path_rate = 0.1
+  c.model.window_size = 7  # swin only
+  c.model.dtype = 'float32'  # compute dtype; params and optimizer state stay float32
+
+  c.mask = ml_collections.ConfigDict()
+  c.mask.mask_ratio = 0.6
+  c.mask.mask_patch_size = 32
+  c.mask.model_patch_size = 16
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.norm_target = False  # SwinV2-B recipe: regress locally normalised pixels
+  c.loss.norm_target_window = 47
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = 'imagenet2012'  # a tfds name, or 'image_folder' (data_dir = root/<split>/<label>/*.jpg)
+  c.data.data_dir = config_dict.placeholder(str)  # None: the tfds default (~/tensorflow_datasets)
+  c.data.split = 'train'
+  c.data.shuffle_buffer = 16_384
+  c.data.crop_scale = (0.67, 1.0)
+  c.data.crop_ratio = (3 / 4, 4 / 3)
+  c.data.flip = True
+  c.data.mean = IMAGENET_MEAN
+  c.data.std = IMAGENET_STD
+  c.data.prefetch = 2  # batches prepared ahead, on the host and again on the device
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.schedule = 'multistep'  # multistep | cosine
+  c.optim.base_lr = 1e-4  # per 512 images
+  c.optim.warmup_lr = 5e-7  # per 512 images
+  c.optim.min_lr = 5e-6  # per 512 images (cosine floor)
+  c.optim.warmup_steps = config_dict.placeholder(int)
+  c.optim.warmup_epochs = 10.0
+  c.optim.warmup_prefix = False  # True: cosine over (total - warmup), as the Swin-Transformer copy does
+  c.optim.milestone_epochs = (700.0,)  # multistep; or milestone_steps
+  c.optim.milestone_steps = config_dict.placeholder(tuple)
+  c.optim.gamma = 0.1
+  c.optim.weight_decay = 0.05
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-8
+  c.optim.clip_grad = 5.0
+  c.optim.accum_steps = 1
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # -1: all devices not used by the other axes
+  c.mesh.fsdp = 1
+  c.mesh.fsdp_min_size = 2**18  # arrays with fewer elements stay replicated
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 1000
+  c.checkpoint.keep = 3
+  c.checkpoint.enable_async = True
+
+  c.log_every_steps = 50
+  c.image_every_steps = 5000  # PNG grid of input / masked input / reconstruction
+  return c
+
+
+def resolve_steps(cfg: ml_collections.ConfigDict, name: str, steps_per_epoch: int) -> int:
+  """`name_steps` if set, else round(`name_epochs` * steps_per_epoch)."""
+  steps, epochs = cfg.get(f'{name}_steps'), cfg.get(f'{name}_epochs')
+  if steps is not None:
+    return int(steps)
+  if epochs is None:
+    raise ValueError(f'Set {name}_steps or {name}_epochs in the config.')
+  return int(round(float(epochs) * steps_per_epoch))

@@ -1,0 +1,37 @@
+"""Model registry: `build_encoder(config.model)` and the SimMIM wrapper (encoder + pixel decoder)."""
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from simmim_jax.models import heads, vit
+
+
+def build_encoder(model: ml_collections.ConfigDict) -> nn.Module:
+  """The encoder named by model.name, its sizes decoded from model.variant."""
+  dtype = jnp.dtype(model.dtype)
+  if model.name == 'vit':
+    return vit.ViT(**vit.decode_variant(model.variant), image_size=model.image_size, style=model.style,
+                   drop_path_rate=model.drop_path_rate, dtype=dtype)
+  if model.name in ('swin', 'swinv2'):
+    from simmim_jax.models import swin  # pylint: disable=import-outside-toplevel
+    return swin.build(model, dtype)
+  raise ValueError(f"Unknown model.name {model.name!r}: use 'vit', 'swin' or 'swinv2'.")
+
+
+class SimMIM(nn.Module):
+  """Encoder + pixel decoder: images and a token mask -> reconstructed images (float32)."""
+  encoder: nn.Module
+  in_chans: int = 3
+
+  @nn.compact
+  def __call__(self, images: jax.Array, mask: jax.Array, train: bool = False) -> jax.Array:
+    features = self.encoder(images, mask, train=train)
+    return heads.PixelDecoder(self.encoder.stride, self.in_chans, name='decoder')(features)
+
+
+def build_simmim(model: ml_collections.ConfigDict) -> SimMIM:
+  """The pretraining model for this config."""
+  return SimMIM(build_encoder(model), model.in_chans)
