@@ -102,6 +102,18 @@ def test_process_slices_are_disjoint_and_cover_the_split(digits_dir):
   assert not seen - everything  # no example twice and nothing foreign: the slices partition the split
 
 
+def test_flip_mirrors_about_half_the_images(digits_dir):
+  raw = dict(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), mean=(0.0,) * 3, std=(1.0,) * 3)
+  kept = _take(_config(digits_dir, flip=False, **raw), 2, image_size=8)
+  maybe = _take(_config(digits_dir, flip=True, **raw), 2, image_size=8)
+  plain = np.concatenate([b['image'] for b in kept])
+  flipped = np.concatenate([b['image'] for b in maybe])
+  same = np.all(np.isclose(flipped, plain), axis=(1, 2, 3))
+  mirrored = np.all(np.isclose(flipped, plain[:, :, ::-1]), axis=(1, 2, 3))
+  assert (same | mirrored).all()
+  assert 0.3 < mirrored.mean() < 0.7
+
+
 def test_missing_tfds_dataset_fails_fast_with_a_clear_message(tmp_path):
   data = _config(str(tmp_path), name='mnist')
   start = time.time()

@@ -163,7 +163,7 @@ def pretrain_batches(data: ml_collections.ConfigDict, *, image_size: int, batch_
     return {'image': _augment(key, encoded, data, image_size), 'label': tf.cast(label, tf.int32)}
 
   ds = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).flat_map(one_epoch)
-  ds = ds.skip(0)  # still encoded: skipping costs reading, not decoding
+  ds = ds.skip(skip_batches * batch_size)  # still encoded: skipping costs reading, not decoding
   ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.batch(batch_size, drop_remainder=True).prefetch(data.prefetch)
   return iter(tfds.as_numpy(ds))

@@ -1,0 +1,45 @@
+"""Loading a configs/*.py file by path with `path:arg` and `a.b=value` overrides (for tools, tests and notebooks).
+
+The main job uses ml_collections' config flags; this does the same outside absl flag parsing.
+"""
+import ast
+import importlib.util
+import os
+
+import ml_collections
+
+
+def load_config(spec: str, overrides: dict[str, object] | list[str] | None = None) -> ml_collections.ConfigDict:
+  """'configs/base.py' or 'configs/simmim_vit_base.py:100', then overrides {'a.b': v} or ['a.b=v', ...]."""
+  path, _, arg = spec.partition(':')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'Config file {path!r} not found (paths are relative to {os.getcwd()!r}).')
+  module_spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  config = module.get_config(arg or None)
+  if isinstance(overrides, list):
+    overrides = dict(_parse(item) for item in overrides)
+  for key, value in (overrides or {}).items():
+    _set(config, key, value)
+  return config
+
+
+def _parse(item: str) -> tuple[str, object]:
+  key, sep, text = item.partition('=')
+  if not sep:
+    raise ValueError(f'Override {item!r} must look like a.b=value.')
+  try:
+    return key, ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return key, text  # a bare string such as model.variant=B/16
+
+
+def _set(config: ml_collections.ConfigDict, key: str, value: object) -> None:
+  *parents, leaf = key.split('.')
+  node = config
+  for name in parents:
+    node = node[name]
+  if leaf not in node:
+    raise KeyError(f'Unknown config field {key!r}.')
+  node[leaf] = value
