@@ -39,7 +39,9 @@ def pretrain_config() -> ml_collections.ConfigDict:
   c.loss.norm_target_window = 47
 
   c.data = ml_collections.ConfigDict()
-  c.data.name = 'imagenet2012'  # a tfds name, or 'image_folder' (data_dir = root/<split>/<label>/*.jpg)
+  # A tfds name; 'image_folder' (data_dir = root/<split>/<label>/*.jpg); or 'synthetic' (random images, the
+  # same global batch for any process count: benchmarks and multi-process checks).
+  c.data.name = 'imagenet2012'
   c.data.data_dir = config_dict.placeholder(str)  # None: the tfds default (~/tensorflow_datasets)
   c.data.split = 'train'
   c.data.shuffle_buffer = 16_384

@@ -1,5 +1,6 @@
 """Per-process NumPy batches -> global jax.Arrays on the mesh, prefetched; a synthetic source."""
 import collections
+import itertools
 from typing import Iterator
 
 import jax
@@ -25,10 +26,18 @@ def prefetch(batches: Iterator[Batch], sharding: NamedSharding, size: int = 2) -
     yield queue.popleft()
 
 
-def synthetic_batches(batch_size: int, image_size: int, in_chans: int = 3, seed: int = 0) -> Iterator[Batch]:
-  """Endless normalised-looking random images: for benchmarks and machines without TensorFlow."""
+def synthetic_batches(batch_size: int, image_size: int, in_chans: int = 3, seed: int = 0, start_batch: int = 0,
+                      process_index: int = 0, process_count: int = 1, pool: int = 4) -> Iterator[Batch]:
+  """Endless random images for benchmarks, machines without TensorFlow and multi-process tests.
+
+  batch_size is global; this process yields its rows of it. The global batch at step s is the same for
+  any process count (a pool of `pool` batches drawn once from the seed, cycled), so runs on different
+  process layouts see identical data.
+  """
   rng = np.random.default_rng(seed)
-  images = rng.standard_normal((batch_size, image_size, image_size, in_chans), dtype=np.float32)
-  labels = np.zeros((batch_size,), np.int32)
-  while True:
-    yield {'image': images, 'label': labels}
+  images = rng.standard_normal((pool, batch_size, image_size, image_size, in_chans), dtype=np.float32)
+  local = batch_size // process_count
+  rows = slice(process_index * local, (process_index + 1) * local)
+  labels = np.zeros((local,), np.int32)
+  for step in itertools.count(start_batch):
+    yield {'image': images[step % pool, rows], 'label': labels}

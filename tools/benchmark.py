@@ -30,7 +30,7 @@ def benchmark(config, steps: int, warmup: int) -> dict[str, float]:
   init, abstract, shardings = pretrain_step.abstract_state(model, tx, config, mesh)
   state = init()
   train_step = pretrain_step.make_train_step(model, tx, schedule, config, mesh, shardings)
-  batches = feed.prefetch(feed.synthetic_batches(config.batch_size, config.model.image_size, config.model.in_chans),
+  batches = feed.prefetch(feed.synthetic_batches(config.batch_size, config.model.image_size, config.model.in_chans, pool=1),
                           sharding.batch_sharding(mesh))
 
   size, grid = config.model.image_size, config.model.image_size // config.mask.model_patch_size

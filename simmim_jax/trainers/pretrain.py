@@ -1,6 +1,7 @@
 """SimMIM pretraining, top to bottom: set-up, state (born sharded) and resume, data, the loop."""
 import math
 import os
+from typing import Iterator
 
 import jax
 import ml_collections
@@ -27,7 +28,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | N
     raise ValueError(f'mask.model_patch_size={config.mask.model_patch_size} must equal the encoder patch '
                      f'size {model.encoder.patch_size} of {config.model.name} {config.model.variant}.')
   masking.check_image_mask(config.model.image_size, config.mask.mask_patch_size, config.mask.model_patch_size)
-  steps_per_epoch = max(images.num_examples(config.data) // config.batch_size, 1)  # fails fast if data is missing
+  steps_per_epoch = max(num_examples(config) // config.batch_size, 1)  # fails fast if data is missing
   total_steps = resolve_steps(config, 'total', steps_per_epoch)
   schedule = optim.lr_schedule(config.optim, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
                                batch_size=config.batch_size)
@@ -57,10 +58,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | N
   # ----------------------------------------------------------------------------------------------------
   # Data: this process's slice, resumed at the step's position, fed to the mesh as global arrays.
   # ----------------------------------------------------------------------------------------------------
-  local_batches = images.pretrain_batches(
-      config.data, image_size=config.model.image_size, batch_size=config.batch_size // jax.process_count(),
-      seed=config.seed, start_batch=start)
-  batches = feed.prefetch(local_batches, sharding.batch_sharding(mesh), config.data.prefetch)
+  batches = feed.prefetch(local_batches(config, start), sharding.batch_sharding(mesh), config.data.prefetch)
 
   # ----------------------------------------------------------------------------------------------------
   # The loop. Metrics are fetched from the device only at log steps, so the host runs ahead.
@@ -88,6 +86,23 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | N
   ckpt.close()
   writer.close()
   return logged
+
+
+def num_examples(config: ml_collections.ConfigDict) -> int:
+  """Examples in the training split (all processes); 'synthetic' counts as one epoch per 100 steps."""
+  if config.data.name == 'synthetic':
+    return 100 * config.batch_size
+  return images.num_examples(config.data)
+
+
+def local_batches(config: ml_collections.ConfigDict, start: int) -> Iterator[feed.Batch]:
+  """This process's batches from step `start` on: its slice of the tfds split, or of the synthetic source."""
+  local = config.batch_size // jax.process_count()
+  if config.data.name == 'synthetic':
+    return feed.synthetic_batches(config.batch_size, config.model.image_size, config.model.in_chans, config.seed,
+                                  start, jax.process_index(), jax.process_count())
+  return images.pretrain_batches(config.data, image_size=config.model.image_size, batch_size=local,
+                                 seed=config.seed, start_batch=start)
 
 
 def write_reconstructions(writer: metrics.Writer, workdir: str, step: int, config: ml_collections.ConfigDict,
