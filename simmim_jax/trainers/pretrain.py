@@ -111,9 +111,8 @@ def write_reconstructions(writer: metrics.Writer, workdir: str, step: int, confi
   originals, mask, reconstruction = jax.device_get(figure_arrays)
   if jax.process_index() != 0:
     return
-  pixel_mask = np.repeat(np.repeat(mask, config.mask.model_patch_size, 1), config.mask.model_patch_size, 2)
-  grid = visualize.reconstruction_grid(originals, pixel_mask[..., None], reconstruction, config.data.mean,
-                                       config.data.std)
+  pixel_mask = np.asarray(masking.upsample(mask, config.mask.model_patch_size))
+  grid = visualize.reconstruction_grid(originals, pixel_mask, reconstruction, config.data.mean, config.data.std)
   visualize.save_png(grid, os.path.join(workdir, 'reconstructions', f'step_{step:07d}.png'))
   writer.image(step, 'reconstruction', grid)
 
