@@ -36,6 +36,10 @@ class Checkpointer:
           'different model, delete that step directory (earlier steps are kept) or use a new --workdir.') from e
     return restored.state, restored.meta
 
+  def reached_preemption(self, step: int) -> bool:
+    """True on every process once a preemption notice (SIGTERM on TPU/SLURM) has been synced at `step`."""
+    return self.manager.reached_preemption(step)
+
   def wait(self) -> None:
     self.manager.wait_until_finished()
 

@@ -111,3 +111,13 @@ def test_batch_not_divisible_by_devices_fails_fast(tmp_path, data_dir):
   run = main_job(tmp_path / 'w', f'--config.data.data_dir={data_dir}', '--config.batch_size=12', devices=8, timeout=120)
   assert run.returncode != 0
   assert 'batch_size=12 must be divisible by the device count (8)' in run.stderr
+
+
+def test_divergence_stops_with_one_message_and_keeps_checkpoints(tmp_path, data_dir):
+  flags = [f'--config.data.data_dir={data_dir}', '--config.batch_size=16', '--config.checkpoint.every_steps=2',
+           '--config.log_every_steps=100', '--config.image_every_steps=1000']
+  good = main_job(tmp_path / 'w', *flags, '--config.total_steps=2')
+  assert good.returncode == 0, good.stderr[-3000:]
+  bad = main_job(tmp_path / 'w', *flags, '--config.total_steps=4', '--config.optim.base_lr=inf')
+  assert bad.returncode != 0 and 'The last good checkpoint (step 2) is kept' in bad.stderr, bad.stderr[-3000:]
+  assert sorted(os.listdir(tmp_path / 'w' / 'checkpoints')) == ['2']

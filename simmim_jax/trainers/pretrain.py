@@ -70,22 +70,35 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | N
   for step in range(start + 1, end + 1):
     batch = next(batches)
     state, step_metrics = train_step(state, batch)
-    if step % config.log_every_steps == 0 or step in (start + 1, end):
+    preempted = ckpt.reached_preemption(step)
+    save = step % config.checkpoint.every_steps == 0 or step == end or preempted
+    log_now = step % config.log_every_steps == 0 or step in (start + 1, end)
+    if log_now:
       logged = writer.scalars(step, step_metrics)
-      if not np.isfinite(logged['loss']):
-        ckpt.wait()
-        raise FloatingPointError(
-            f'Loss is {logged["loss"]} at step {step} (grad norm {logged["grad_norm"]}). The last good checkpoint '
-            f'(step {ckpt.latest_step()}) is kept; lower optim.base_lr or lengthen the warmup, then rerun.')
-    if step % config.checkpoint.every_steps == 0 or step == end:
+    if log_now or save:
+      check_finite(step, step_metrics, ckpt)  # never checkpoint a diverged state
+    if save:
       ckpt.save(step, state, {'step': step, 'examples_seen': step * config.batch_size,
                               'config': checkpoint.config_dict(config)})
+    if preempted:
+      log(f'Preemption notice: saved step {step}; rerun the same command to resume.')
+      break
     if step % config.image_every_steps == 0 or step == end:
       write_reconstructions(writer, workdir, step, config, reconstruct(state.params, batch['image'], step))
   ckpt.wait()
   ckpt.close()
   writer.close()
   return logged
+
+
+def check_finite(step: int, step_metrics: dict[str, jax.Array], ckpt: checkpoint.Checkpointer) -> None:
+  """Stops with one message on a NaN/inf loss; the checkpoints already written stay untouched."""
+  loss, grad_norm = (float(step_metrics[k]) for k in ('loss', 'grad_norm'))
+  if not np.isfinite(loss):
+    ckpt.wait()
+    raise FloatingPointError(
+        f'Loss is {loss} at step {step} (grad norm {grad_norm}). The last good checkpoint (step '
+        f'{ckpt.latest_step()}) is kept; lower optim.base_lr or lengthen the warmup, then rerun.')
 
 
 def num_examples(config: ml_collections.ConfigDict) -> int:
