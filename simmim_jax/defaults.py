@@ -27,6 +27,7 @@ def pretrain_config() -> ml_collections.ConfigDict:
   c.model.in_chans = 3
   c.model.drop_path_rate = 0.1
   c.model.window_size = 7  # swin only
+  c.model.pretrained_window_sizes = config_dict.placeholder(tuple)  # swinv2 only; None: each stage's window
   c.model.dtype = 'float32'  # compute dtype; params and optimizer state stay float32
 
   c.mask = ml_collections.ConfigDict()
