@@ -291,7 +291,7 @@ class Swin(nn.Module):
 
 def build(model: ml_collections.ConfigDict, dtype: Any) -> Swin:
   """The Swin (model.name 'swin') or SwinV2 ('swinv2') encoder of this config."""
-  pretrained = model.pretrained_window_sizes
+  pretrained = model.get('pretrained_window_sizes', None)  # configs saved before the field
   return Swin(**decode_variant(model.variant), window_size=model.window_size, v2=model.name == 'swinv2',
               pretrained_window_sizes=tuple(pretrained) if pretrained else None,
               drop_path_rate=model.drop_path_rate, dtype=dtype)
