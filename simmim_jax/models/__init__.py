@@ -1,5 +1,4 @@
 """Model registry: `build_encoder(config.model)` and the SimMIM wrapper (encoder + pixel decoder)."""
-from typing import Any
 
 import flax.linen as nn
 import jax
