@@ -1,0 +1,172 @@
+"""Params out and in: a flat `.npz` with `/`-joined names, and one loader for `.npz` files and Orbax checkpoints.
+
+Layout of an `.npz` written here: one array per parameter, named by its path (`encoder/blocks_0/attn/qkv/kernel`).
+NumPy has no bfloat16 (or other ml_dtypes) type of its own, so such arrays are stored as their raw bits
+(uint16/uint8) and the reserved entry `__dtypes__` (a JSON string) records their real dtype; load_params
+views the bits back, so the round trip is bit-exact. The config is written beside it as JSON
+(`model.npz` -> `model.json`). Orbax checkpoints are those of checkpoint.Checkpointer: `workdir/checkpoints/<step>/`
+with a `state` item ({'step', 'params', 'opt_state'}) and a `meta` JSON item holding the config.
+"""
+import json
+import os
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+DTYPES_KEY = '__dtypes__'
+NPZ_SUFFIX = '.npz'
+
+
+def flatten(params: Any, prefix: str = '') -> dict[str, Any]:
+  """Nested mapping -> {'a/b/c': leaf}."""
+  flat = {}
+  for key, value in params.items():
+    name = f'{prefix}{key}'
+    if hasattr(value, 'items'):
+      flat.update(flatten(value, name + '/'))
+    else:
+      flat[name] = value
+  return flat
+
+
+def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+  """{'a/b/c': leaf} -> nested dicts."""
+  tree: dict[str, Any] = {}
+  for name, value in flat.items():
+    *parents, leaf = name.split('/')
+    node = tree
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = value
+  return tree
+
+
+def config_path(npz_path: str) -> str:
+  """Where the JSON config of an `.npz` lives: same name, `.json` suffix."""
+  return os.path.splitext(npz_path)[0] + '.json'
+
+
+def _config_json(config: Any) -> str:
+  if hasattr(config, 'to_json_best_effort'):  # ml_collections.ConfigDict
+    return config.to_json_best_effort(indent=2, sort_keys=True)
+  return json.dumps(config, indent=2, sort_keys=True, default=str)
+
+
+def save_npz(path: str, params: Any, config: Any = None) -> None:
+  """Writes params (any nested mapping of arrays) as one `.npz`; bfloat16 kept as bits + a dtype record."""
+  if not path.endswith(NPZ_SUFFIX):
+    raise ValueError(f'save_npz writes a {NPZ_SUFFIX} file; got {path!r}: give a path ending in {NPZ_SUFFIX}.')
+  arrays, dtypes = {}, {}
+  for name, value in flatten(params).items():
+    value = np.asarray(value)  # a jax.Array lands on the host here
+    if value.dtype.type.__module__.startswith('ml_dtypes'):  # NumPy cannot store these natively
+      dtypes[name] = value.dtype.name
+      value = value.view(np.dtype(f'uint{8 * value.dtype.itemsize}'))
+    arrays[name] = value
+  arrays[DTYPES_KEY] = np.array(json.dumps(dtypes))
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + '.tmp'
+  with open(tmp, 'wb') as f:  # a file object: np.savez would otherwise append its own suffix
+    np.savez(f, **arrays)
+  os.replace(tmp, path)  # never leave a half-written file under the final name
+  if config is not None:
+    with open(config_path(path), 'w') as f:
+      f.write(_config_json(config))
+
+
+def _load_npz(path: str) -> dict[str, Any]:
+  with np.load(path, allow_pickle=False) as data:
+    dtypes = json.loads(str(data[DTYPES_KEY])) if DTYPES_KEY in data.files else {}
+    flat = {name: data[name] for name in data.files if name != DTYPES_KEY}
+  for name, dtype in dtypes.items():
+    flat[name] = flat[name].view(getattr(ml_dtypes, dtype))
+  return unflatten(flat)
+
+
+def _latest_step(checkpoints_dir: str) -> int:
+  """The newest finished step (Orbax writes unfinished ones under a temporary, non-numeric name)."""
+  steps = [int(d) for d in os.listdir(checkpoints_dir) if d.isdigit()]
+  if not steps:
+    raise FileNotFoundError(f'No checkpoint steps in {checkpoints_dir}: train first or point at another workdir.')
+  return max(steps)
+
+
+def checkpoint_step_dir(path: str, step: int | None = None) -> str:
+  """A workdir, its `checkpoints` dir, or one step dir -> the step dir (latest step unless `step` is given)."""
+  path = os.path.abspath(path)
+  if os.path.isdir(os.path.join(path, 'state')):
+    return path
+  if os.path.isdir(os.path.join(path, 'checkpoints')):
+    path = os.path.join(path, 'checkpoints')
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f'{path} does not exist: give an .npz file, a workdir, its checkpoints dir or a step dir.')
+  step_dir = os.path.join(path, str(_latest_step(path) if step is None else step))
+  if not os.path.isdir(os.path.join(step_dir, 'state')):
+    raise FileNotFoundError(f"{step_dir} holds no checkpoint 'state' item: give a workdir, its checkpoints dir or "
+                            'a step dir written by simmim_jax training.')
+  return step_dir
+
+
+def _load_checkpoint(step_dir: str) -> dict[str, Any]:
+  """Only the params of the state item, as NumPy on the host: no model, no devices, no optimizer state."""
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  checkpointer = ocp.PyTreeCheckpointer()
+  state_dir = os.path.join(step_dir, 'state')
+  tree = checkpointer.metadata(state_dir).item_metadata.tree
+  if 'params' not in tree:
+    raise ValueError(f"{state_dir} has no 'params' (found {sorted(tree)}): not a simmim_jax train state.")
+  params = tree['params']
+  restore_args = _tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), params)
+  restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
+      item={'params': params}, restore_args={'params': restore_args}, partial_restore=True))
+  return _tree_map(np.asarray, restored['params'])
+
+
+def _tree_map(fn: Any, tree: Any) -> Any:
+  return {k: _tree_map(fn, v) if hasattr(v, 'items') else fn(v) for k, v in tree.items()}
+
+
+def select(params: dict[str, Any], subtree: str | None) -> dict[str, Any]:
+  """params['a']['b'] for subtree 'a/b'; the whole tree for None."""
+  node = params
+  for part in (subtree or '').strip('/').split('/') if subtree else []:
+    if not hasattr(node, 'items') or part not in node:
+      found = sorted(node) if hasattr(node, 'items') else type(node).__name__
+      raise KeyError(f'No params sub-tree {subtree!r} (at {part!r} found {found}).')
+    node = node[part]
+  return node
+
+
+def load_params(path: str, subtree: str | None = None, step: int | None = None) -> dict[str, Any]:
+  """Nested dict of NumPy arrays from an `.npz` (save_npz) or an Orbax checkpoint (workdir, checkpoints dir,
+  step dir); `subtree` ('encoder', 'encoder/blocks_0') selects part of it."""
+  if path.endswith(NPZ_SUFFIX):
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f'{path} does not exist: give the .npz written by tools/export_params.py.')
+    params = _load_npz(path)
+  else:
+    params = _load_checkpoint(checkpoint_step_dir(path, step))
+  return select(params, subtree)
+
+
+def load_config(path: str, step: int | None = None) -> dict[str, Any] | None:
+  """The config beside an `.npz` (None when absent), or the one stored in an Orbax checkpoint."""
+  if path.endswith(NPZ_SUFFIX):
+    json_path = config_path(path)
+    if not os.path.isfile(json_path):
+      return None
+    with open(json_path) as f:
+      return json.load(f)
+  step_dir = checkpoint_step_dir(path, step)
+  meta_dir = os.path.join(step_dir, 'meta')
+  if os.path.isdir(meta_dir):
+    import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+    config = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(meta_dir).get('config')
+    if config is not None:
+      return config
+  workdir_json = os.path.join(os.path.dirname(os.path.dirname(step_dir)), 'config.json')
+  if os.path.isfile(workdir_json):
+    with open(workdir_json) as f:
+      return json.load(f)
+  return None

@@ -1,0 +1,98 @@
+"""params_io: .npz round trips (bfloat16 bit-exact), sub-trees, and params read back from a real Orbax checkpoint."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from simmim_jax import checkpoint, config_io, models, optim, params_io, pretrain_step, sharding
+
+
+def test_npz_round_trip_is_bit_exact_with_bfloat16(tmp_path):
+  rng = np.random.default_rng(0)
+  bf16 = rng.standard_normal((5, 7)).astype(ml_dtypes.bfloat16)
+  params = {'encoder': {'blocks_0': {'attn': {'qkv': {'kernel': bf16, 'bias': jnp.arange(3, dtype=jnp.bfloat16)}}},
+                        'norm': {'scale': rng.standard_normal(4).astype(np.float32)}},
+            'decoder': {'conv': {'kernel': jnp.asarray(rng.standard_normal((1, 1, 4, 8)), jnp.float32)}},
+            'step_like': np.int32(7)}
+  path = str(tmp_path / 'out' / 'model.npz')
+  params_io.save_npz(path, params, {'model': {'name': 'vit'}})
+  with np.load(path) as raw:  # the file itself: '/'-joined names, bf16 stored as its uint16 bits
+    assert 'encoder/blocks_0/attn/qkv/kernel' in raw.files and raw['encoder/blocks_0/attn/qkv/kernel'].dtype == np.uint16
+  loaded = params_io.load_params(path)
+  got = loaded['encoder']['blocks_0']['attn']['qkv']['kernel']
+  assert got.dtype == ml_dtypes.bfloat16 and got.tobytes() == bf16.tobytes()
+  assert loaded['encoder']['blocks_0']['attn']['qkv']['bias'].dtype == ml_dtypes.bfloat16
+  flat_in, flat_out = params_io.flatten(params), params_io.flatten(loaded)
+  assert sorted(flat_in) == sorted(flat_out)
+  for name, value in flat_in.items():
+    assert np.asarray(value).dtype == flat_out[name].dtype and np.asarray(value).tobytes() == flat_out[name].tobytes()
+  assert params_io.load_config(path) == {'model': {'name': 'vit'}}
+  assert json.load(open(tmp_path / 'out' / 'model.json')) == {'model': {'name': 'vit'}}
+  norm = params_io.load_params(path, subtree='encoder/norm')
+  np.testing.assert_array_equal(norm['scale'], params['encoder']['norm']['scale'])
+
+
+def test_user_errors_are_clear(tmp_path):
+  with pytest.raises(ValueError, match='ending in .npz'):
+    params_io.save_npz(str(tmp_path / 'x.bin'), {'a': np.zeros(2)})
+  with pytest.raises(FileNotFoundError, match='does not exist'):
+    params_io.load_params(str(tmp_path / 'missing.npz'))
+  with pytest.raises(FileNotFoundError, match='does not exist'):
+    params_io.load_params(str(tmp_path / 'no_such_workdir'))
+  (tmp_path / 'empty').mkdir()
+  with pytest.raises(FileNotFoundError, match='No checkpoint steps'):
+    params_io.load_params(str(tmp_path / 'empty'))
+  params_io.save_npz(str(tmp_path / 'p.npz'), {'encoder': {'w': np.ones(2)}})
+  with pytest.raises(KeyError, match="'decoder'"):
+    params_io.load_params(str(tmp_path / 'p.npz'), subtree='decoder')
+  assert params_io.load_config(str(tmp_path / 'p.npz')) is None
+
+
+@pytest.fixture(scope='module')
+def saved_run(tmp_path_factory):
+  """A real train state on an 8-device FSDP mesh, saved twice by the trainer's Checkpointer."""
+  workdir = str(tmp_path_factory.mktemp('run'))
+  config = config_io.load_config('configs/base.py', {'model.variant': 'Mu/4', 'mesh.data': 2, 'mesh.fsdp': 4,
+                                                     'mesh.fsdp_min_size': 1024})
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:8])
+  model = models.build_simmim(config.model)
+  schedule = optim.lr_schedule(config.optim, total_steps=10, steps_per_epoch=10, batch_size=config.batch_size)
+  tx = optim.make_optimizer(config.optim, schedule, model.encoder.no_weight_decay)
+  init, _, _ = pretrain_step.abstract_state(model, tx, config, mesh)
+  state = init()
+  assert 'fsdp' in str(state.params['encoder']['blocks_0']['mlp']['fc1']['kernel'].sharding.spec)
+  checkpoint.write_config(workdir, config)
+  ckpt = checkpoint.Checkpointer(workdir, config.checkpoint)
+  meta = {'step': 0, 'config': checkpoint.config_dict(config)}
+  ckpt.save(3, state, meta)
+  later = state.replace(params=jax.tree.map(lambda x: x + 1, state.params))
+  ckpt.save(5, later, meta)
+  ckpt.wait()
+  ckpt.close()
+  return workdir, config, jax.device_get(state.params), jax.device_get(later.params)
+
+
+def test_orbax_checkpoint_params_come_back_exactly(saved_run):
+  workdir, config, params3, params5 = saved_run
+  latest = params_io.load_params(workdir)  # workdir -> latest step (5)
+  jax.tree.map(np.testing.assert_array_equal, latest, params5)
+  assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(latest))
+  step3 = params_io.load_params(os.path.join(workdir, 'checkpoints', '3'))
+  jax.tree.map(np.testing.assert_array_equal, step3, params3)
+  via_dir = params_io.load_params(os.path.join(workdir, 'checkpoints'), subtree='encoder', step=3)
+  jax.tree.map(np.testing.assert_array_equal, via_dir, params3['encoder'])
+  assert params_io.load_config(workdir)['model']['variant'] == config.model.variant == 'Mu/4'
+  with pytest.raises(FileNotFoundError, match='holds no checkpoint'):
+    params_io.load_params(workdir, step=4)
+
+
+def test_checkpoint_to_npz_and_back(saved_run, tmp_path):
+  workdir, _, _, params5 = saved_run
+  path = str(tmp_path / 'enc.npz')
+  params_io.save_npz(path, params_io.load_params(workdir, 'encoder'), params_io.load_config(workdir))
+  jax.tree.map(np.testing.assert_array_equal, params_io.load_params(path), params5['encoder'])
+  assert params_io.load_config(path)['model']['name'] == 'vit'
