@@ -1,0 +1,50 @@
+"""A pretraining or fine-tuning checkpoint -> one `.npz` of params with `/`-joined names, the config beside it.
+
+  python tools/export_params.py --checkpoint /tmp/workdir --out /tmp/simmim_vit.npz --encoder_only
+  python tools/export_params.py --checkpoint /tmp/workdir/checkpoints/400 --out /tmp/all.npz --dtype bfloat16
+
+--checkpoint is a workdir (latest step), its checkpoints dir (with --step) or one step dir. The config goes to
+`<out>.json`; read both back with simmim_jax.params_io.load_params / load_config. bfloat16 round-trips bit-exactly.
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import ml_dtypes  # pylint: disable=g-import-not-at-top
+import numpy as np
+
+from simmim_jax import params_io
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--checkpoint', required=True, help='workdir, checkpoints dir or step dir')
+  parser.add_argument('--out', required=True, help='output .npz path')
+  parser.add_argument('--step', type=int, default=None, help='checkpoint step (default: the latest)')
+  parser.add_argument('--encoder_only', action='store_true', help="export params['encoder'] alone")
+  parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default=None,
+                      help='cast floating params (default: keep the stored dtypes)')
+  args = parser.parse_args(argv)
+  if not args.out.endswith('.npz'):
+    parser.error(f'--out must end in .npz, got {args.out!r}')
+
+  params = params_io.load_params(args.checkpoint, 'encoder' if args.encoder_only else None, step=args.step)
+  config = params_io.load_config(args.checkpoint, step=args.step)
+  if args.dtype:
+    dtype = np.float32 if args.dtype == 'float32' else ml_dtypes.bfloat16
+    flat = {k: v.astype(dtype) if np.issubdtype(v.dtype, np.floating) or v.dtype == ml_dtypes.bfloat16 else v
+            for k, v in params_io.flatten(params).items()}
+    params = params_io.unflatten(flat)
+  export_config = dict(config or {})
+  export_config['export'] = {'source': os.path.abspath(args.checkpoint), 'step': args.step,
+                             'encoder_only': args.encoder_only, 'dtype': args.dtype}
+  params_io.save_npz(args.out, params, export_config)
+  flat = params_io.flatten(params)
+  count = sum(int(np.prod(v.shape)) for v in flat.values())
+  print(f'Wrote {len(flat)} arrays, {count:,} parameters to {args.out} (config: {params_io.config_path(args.out)})')
+
+
+if __name__ == '__main__':
+  main()
