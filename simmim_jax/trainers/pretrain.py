@@ -120,14 +120,15 @@ def local_batches(config: ml_collections.ConfigDict, start: int) -> Iterator[fee
 
 def write_reconstructions(writer: metrics.Writer, workdir: str, step: int, config: ml_collections.ConfigDict,
                           figure_arrays) -> None:
-  """PNG grid (and TensorBoard image) of input / masked input / reconstruction / pasted, process 0 only."""
+  """PNG grid (and TensorBoard image) of input / masked input / reconstruction / pasted / L1 error heat map,
+  drawn by the same visualize.figure_from_arrays as tools/visualize.py; process 0 only."""
   originals, mask, reconstruction = jax.device_get(figure_arrays)
   if jax.process_index() != 0:
     return
-  pixel_mask = np.asarray(masking.upsample(mask, config.mask.model_patch_size))
-  grid = visualize.reconstruction_grid(originals, pixel_mask, reconstruction, config.data.mean, config.data.std)
-  visualize.save_png(grid, os.path.join(workdir, 'reconstructions', f'step_{step:07d}.png'))
-  writer.image(step, 'reconstruction', grid)
+  fig = visualize.figure_from_arrays(originals, mask, reconstruction, config)
+  visualize.save_png(fig.grid, os.path.join(workdir, 'reconstructions', f'step_{step:07d}.png'), min_size=512,
+                     title=f'step {step}\n{visualize.caption(fig)}')
+  writer.image(step, 'reconstruction', fig.grid)
 
 
 def log(message: str) -> None:
