@@ -4,7 +4,8 @@ Learning rates in the config are per 512 images; base, warmup and min LR are eac
 batch_size / 512 with batch_size the effective global batch (micro-batch x accumulation steps), as the
 official code does.
 """
-from typing import Callable, Sequence
+import re
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +14,7 @@ import optax
 
 from simmim_jax.defaults import resolve_steps
 
-Schedule = Callable[[jax.Array], jax.Array]
+Schedule = Callable[..., jax.Array]  # schedule(step, peak_scale=1.0) -> learning rate
 
 
 def lr_schedule(optim: ml_collections.ConfigDict, *, total_steps: int, steps_per_epoch: int,
@@ -23,31 +24,35 @@ def lr_schedule(optim: ml_collections.ConfigDict, *, total_steps: int, steps_per
   cosine follows timm's CosineLRScheduler as SimMIM configures it: t_initial = total steps with no warmup
   prefix, so after warmup lr = min + (base - min)(1 + cos(pi t / T)) / 2 with t counted from step 0 (a small
   dip right after warmup). warmup_prefix=True is the Swin-Transformer variant: cosine over T - warmup.
+
+  peak_scale multiplies only the peak (base) LR: layer-wise decay groups share the warmup start and the
+  cosine floor, as the official fine-tuning code builds one scheduler per group on scaled base LRs.
   """
   scale = batch_size / 512
-  base, warmup_lr, min_lr = optim.base_lr * scale, optim.warmup_lr * scale, optim.min_lr * scale
+  base_lr, warmup_lr, min_lr = optim.base_lr * scale, optim.warmup_lr * scale, optim.min_lr * scale
   warmup = resolve_steps(optim, 'warmup', steps_per_epoch)
 
   if optim.schedule == 'cosine':
     period = total_steps - warmup if optim.warmup_prefix else total_steps
     offset = warmup if optim.warmup_prefix else 0
 
-    def after_warmup(t):
+    def after_warmup(t, base):
       frac = jnp.clip((t - offset) / max(period, 1), 0.0, 1.0)
       return min_lr + 0.5 * (base - min_lr) * (1.0 + jnp.cos(jnp.pi * frac))
   elif optim.schedule == 'multistep':
     milestones = milestone_steps(optim, steps_per_epoch)
 
-    def after_warmup(t):
+    def after_warmup(t, base):
       passed = jnp.sum(t >= jnp.asarray(milestones, jnp.int32)) if milestones else 0
       return base * optim.gamma**passed
   else:
     raise ValueError(f"optim.schedule must be 'cosine' or 'multistep', got {optim.schedule!r}.")
 
-  def schedule(step: jax.Array) -> jax.Array:
+  def schedule(step: jax.Array, peak_scale: float | jax.Array = 1.0) -> jax.Array:
     t = jnp.asarray(step, jnp.float32)
+    base = base_lr * peak_scale
     warm = warmup_lr + (base - warmup_lr) * t / max(warmup, 1)
-    return jnp.where(t < warmup, warm, after_warmup(t))
+    return jnp.where(t < warmup, warm, after_warmup(t, base))
 
   return schedule
 
@@ -69,9 +74,78 @@ def decay_mask(params, no_decay_names: Sequence[str]):
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(optim: ml_collections.ConfigDict, schedule: Schedule,
-                   no_decay_names: Sequence[str]) -> optax.GradientTransformation:
-  """clip_by_global_norm(clip_grad) -> AdamW(schedule) with the decay mask."""
-  adamw = optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay,
-                      mask=lambda p: decay_mask(p, no_decay_names))
-  return optax.chain(optax.clip_by_global_norm(optim.clip_grad), adamw)
+def make_optimizer(optim: ml_collections.ConfigDict, schedule: Schedule, no_decay_names: Sequence[str],
+                   peak_scales: Any = None) -> optax.GradientTransformation:
+  """clip_by_global_norm(clip_grad) -> AdamW(schedule) with the decay mask.
+
+  peak_scales (a tree of floats like the params, from layer_decay_scales) gives each parameter the schedule
+  of its layer-decay group; optax.adamw is exactly scale_by_adam -> add_decayed_weights -> -lr, so only the
+  last stage changes.
+  """
+  mask = lambda p: decay_mask(p, no_decay_names)
+  clip = optax.clip_by_global_norm(optim.clip_grad)
+  if peak_scales is None:
+    adamw = optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay,
+                        mask=mask)
+    return optax.chain(clip, adamw)
+  return optax.chain(clip, optax.scale_by_adam(b1=optim.b1, b2=optim.b2, eps=optim.eps),
+                     optax.add_decayed_weights(optim.weight_decay, mask), scale_by_group_lr(schedule, peak_scales))
+
+
+def scale_by_group_lr(schedule: Schedule, peak_scales: Any) -> optax.GradientTransformation:
+  """update -> -schedule(step, peak_scale) * update, the peak scale looked up per parameter.
+
+  Written here because optax's scale_by_schedule takes one schedule for all parameters; multi_transform
+  with one AdamW per group would do the same maths with N + 2 optimizer states.
+  """
+
+  def init_fn(params):
+    del params
+    return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+  def update_fn(updates, state, params=None):
+    del params
+    updates = jax.tree.map(lambda u, s: (-schedule(state.count, s) * u).astype(u.dtype), updates, peak_scales)
+    return updates, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _names(path) -> list[str]:
+  return [str(getattr(k, 'key', k)) for k in path]
+
+
+def vit_layer_id(names: Sequence[str], depth: int) -> int:
+  """The official get_vit_layer on a Flax path under 'encoder' (or a head outside it): 0 .. depth + 1."""
+  if names[0] != 'encoder':
+    return depth + 1
+  if names[1] in ('cls_token', 'mask_token', 'pos_embed') or names[1].startswith('patch_embed'):
+    return 0
+  block = re.fullmatch(r'blocks_(\d+)', names[1])
+  return int(block.group(1)) + 1 if block else depth + 1  # rel_pos_bias and norms: the top group
+
+
+def swin_layer_id(names: Sequence[str], depths: Sequence[int]) -> int:
+  """The official get_swin_layer: blocks count from 1 across stages; a stage's downsample joins its last block."""
+  top = sum(depths) + 1
+  if names[0] != 'encoder':
+    return top
+  if names[1] in ('mask_token', 'patch_embed'):
+    return 0
+  stage = re.fullmatch(r'layers_(\d+)', names[1])
+  if not stage:
+    return top
+  s = int(stage.group(1))
+  if names[2] == 'downsample':
+    return sum(depths[:s + 1])
+  return sum(depths[:s]) + int(names[2].removeprefix('blocks_')) + 1
+
+
+def layer_decay_scales(params: Any, encoder: Any, layer_decay: float) -> Any:
+  """Per-parameter peak-LR scale layer_decay ** (N + 1 - layer_id), N the encoder's block count."""
+  if hasattr(encoder, 'depths'):
+    top, layer_id = sum(encoder.depths) + 1, lambda names: swin_layer_id(names, encoder.depths)
+  else:
+    top, layer_id = encoder.depth + 1, lambda names: vit_layer_id(names, encoder.depth)
+  return jax.tree_util.tree_map_with_path(lambda path, _: float(layer_decay**(top - layer_id(_names(path)))),
+                                          params)

@@ -66,12 +66,15 @@ class Attention(nn.Module):
   """Multi-head self-attention with an additive bias (relative positions, window masks).
 
   qkv_bias: 'full' (one bias on q, k, v), 'qv' (BEiT: learned q_bias and v_bias, k bias fixed at 0) or 'none'.
+  rel_pos_grid: a (h, w) token grid (plus cls) gives this attention its own relative position table, as the
+  fine-tuned BEiT ViT has in every block (`attn.relative_position_bias_table`).
   """
   num_heads: int
   qkv_bias: str = 'full'
   kernel_init: Initializer = trunc_init
   proj_init: Initializer | None = None
   dtype: Dtype = jnp.float32
+  rel_pos_grid: tuple[int, int] | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, bias: jax.Array | None = None) -> jax.Array:
@@ -85,6 +88,11 @@ class Attention(nn.Module):
       qkv = qkv + jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias]).astype(qkv.dtype)
     q, k, v = jnp.split(qkv.reshape(b, n, 3, self.num_heads, head_dim), 3, axis=2)
     q, k, v = (t[:, :, 0] for t in (q, k, v))  # (b, n, heads, head_dim)
+    if self.rel_pos_grid is not None:
+      table = self.param('relative_position_bias_table', nn.initializers.zeros,
+                         (relative_table_rows(self.rel_pos_grid, True), self.num_heads))
+      own = gather_relative_bias(table, self.rel_pos_grid, with_cls=True)
+      bias = own if bias is None else bias + own
     if bias is not None:
       bias = jnp.broadcast_to(bias, (b, self.num_heads, n, n)).astype(q.dtype)
     out = jax.nn.dot_product_attention(q, k, v, bias=bias)  # softmax in float32 inside
@@ -103,13 +111,14 @@ class Block(nn.Module):
   kernel_init: Initializer = trunc_init
   residual_init: Initializer | None = None  # for attn.proj and mlp.fc2
   dtype: Dtype = jnp.float32
+  rel_pos_grid: tuple[int, int] | None = None  # a relative position table of this block's own
 
   @nn.compact
   def __call__(self, x: jax.Array, bias: jax.Array | None = None, train: bool = False) -> jax.Array:
     c = x.shape[-1]
     drop = DropPath(self.drop_path)
     y = Attention(self.num_heads, self.qkv_bias, self.kernel_init, self.residual_init, self.dtype,
-                  name='attn')(layer_norm(self.norm_eps, 'norm1')(x).astype(self.dtype), bias)
+                  self.rel_pos_grid, name='attn')(layer_norm(self.norm_eps, 'norm1')(x).astype(self.dtype), bias)
     if self.layer_scale is not None:
       y = y * self.param('gamma_1', nn.initializers.constant(self.layer_scale), (c,))
     x = x + drop(y, train)
@@ -143,6 +152,17 @@ def relative_position_index(grid: tuple[int, int], with_cls: bool) -> np.ndarray
   return full
 
 
+def relative_table_rows(grid: tuple[int, int], with_cls: bool) -> int:
+  """Rows of a relative position table: one per offset, plus 3 for the cls token."""
+  return (2 * grid[0] - 1) * (2 * grid[1] - 1) + (3 if with_cls else 0)
+
+
+def gather_relative_bias(table: jax.Array, grid: tuple[int, int], with_cls: bool) -> jax.Array:
+  """A (rows, heads) table -> the (heads, n, n) bias for every token pair."""
+  index = relative_position_index(grid, with_cls)
+  return table[index.reshape(-1)].reshape(*index.shape, table.shape[-1]).transpose(2, 0, 1)
+
+
 class RelativePositionBias(nn.Module):
   """A learned bias per head and relative offset, gathered to (heads, n, n); zeros at init."""
   grid: tuple[int, int]
@@ -151,8 +171,6 @@ class RelativePositionBias(nn.Module):
 
   @nn.compact
   def __call__(self) -> jax.Array:
-    index = relative_position_index(self.grid, self.with_cls)
-    h, w = self.grid
-    rows = (2 * h - 1) * (2 * w - 1) + (3 if self.with_cls else 0)
-    table = self.param('relative_position_bias_table', nn.initializers.zeros, (rows, self.num_heads))
-    return table[index.reshape(-1)].reshape(*index.shape, self.num_heads).transpose(2, 0, 1)
+    table = self.param('relative_position_bias_table', nn.initializers.zeros,
+                       (relative_table_rows(self.grid, self.with_cls), self.num_heads))
+    return gather_relative_bias(table, self.grid, self.with_cls)

@@ -35,6 +35,10 @@ class ViT(nn.Module):
   shared by all blocks, layer scale 0.1, q/v biases, its init rules. style='plain': a learned absolute
   position embedding and a full qkv bias. Masked patch tokens are replaced by the mask token right after
   the patch embedding, before the cls token is prepended (as the official code does).
+
+  Fine-tuning (official and timm Beit) gives every block its own relative position table (rel_pos='per_block')
+  and drops the final norm for mean pooling + fc_norm (final_norm=False); a linear probe takes the features of
+  an early block by building only that many blocks (depth=k, final_norm=False).
   """
   width: int
   depth: int
@@ -45,6 +49,8 @@ class ViT(nn.Module):
   style: str = 'beit'
   drop_path_rate: float = 0.0
   dtype: Any = jnp.float32
+  rel_pos: str = 'shared'  # beit only: one table for all blocks (pretraining) or 'per_block' (fine-tuning)
+  final_norm: bool = True
 
   # Official no-weight-decay names; the ViT mask_token and relative-position table DO get decay there.
   no_weight_decay: ClassVar[tuple[str, ...]] = ('pos_embed', 'cls_token')
@@ -58,6 +64,8 @@ class ViT(nn.Module):
   def __call__(self, images: jax.Array, mask: jax.Array | None = None, train: bool = False) -> jax.Array:
     if self.style not in ('beit', 'plain'):
       raise ValueError(f"model.style must be 'beit' or 'plain', got {self.style!r}.")
+    if self.rel_pos not in ('shared', 'per_block'):
+      raise ValueError(f"ViT rel_pos must be 'shared' or 'per_block', got {self.rel_pos!r}.")
     beit = self.style == 'beit'
     p, c = self.patch_size, self.width
     fan_in = p * p * images.shape[-1]
@@ -73,9 +81,11 @@ class ViT(nn.Module):
       x = x * (1 - w) + mask_token.astype(x.dtype) * w
     cls_token = self.param('cls_token', init, (1, 1, c))
     x = jnp.concatenate([jnp.broadcast_to(cls_token.astype(x.dtype), (b, 1, c)), x], axis=1)
-    bias = None
-    if beit:
+    bias, block_grid = None, None
+    if beit and self.rel_pos == 'shared':
       bias = layers.RelativePositionBias((gh, gw), self.num_heads, name='rel_pos_bias')()
+    elif beit:
+      block_grid = (gh, gw)
     else:
       x = x + self.param('pos_embed', init, (1, gh * gw + 1, c)).astype(x.dtype)
 
@@ -83,6 +93,8 @@ class ViT(nn.Module):
       residual_init = layers.scaled_init(init, np.sqrt(2.0 * (i + 1))) if beit else None
       x = layers.Block(self.num_heads, self.mlp_dim, qkv_bias='qv' if beit else 'full',
                        layer_scale=0.1 if beit else None, drop_path=float(rate), kernel_init=init,
-                       residual_init=residual_init, dtype=self.dtype, name=f'blocks_{i}')(x, bias, train)
-    x = layers.layer_norm(1e-6, 'norm')(x)
+                       residual_init=residual_init, dtype=self.dtype, rel_pos_grid=block_grid,
+                       name=f'blocks_{i}')(x, bias, train)
+    if self.final_norm:
+      x = layers.layer_norm(1e-6, 'norm')(x)
     return x[:, 1:].reshape(b, gh, gw, c)
