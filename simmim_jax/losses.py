@@ -33,3 +33,23 @@ def normalize_target(images: jax.Array, window: int) -> jax.Array:
   mean = window_sum(x) / count
   var = (window_sum(x * x) / count - mean**2) * (count / (count - 1))
   return (x - mean) / jnp.sqrt(jnp.maximum(var, 0.0) + 1e-6)
+
+
+def masked_token_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> dict[str, jax.Array]:
+  """Sums over the gathered (masked) positions: cross-entropy, correct argmax, and the weight count.
+
+  logits (B, K, V), targets (B, K) int, weights (B, K) from the mask itself (never from `targets > 0`).
+  Global sums under jit; divide once (loss = loss_sum / count) for a ratio over the whole batch.
+  """
+  logits = logits.astype(jnp.float32)
+  log_z = jax.nn.logsumexp(logits, axis=-1)
+  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  w = weights.astype(jnp.float32)
+  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+  return {'loss_sum': jnp.sum((log_z - target_logit) * w), 'correct': jnp.sum(correct * w), 'count': jnp.sum(w)}
+
+
+def masked_cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.Array:
+  """Mean cross-entropy (nats) over the weighted masked positions of the whole batch."""
+  sums = masked_token_sums(logits, targets, weights)
+  return sums['loss_sum'] / jnp.maximum(sums['count'], 1.0)

@@ -26,3 +26,19 @@ class PixelDecoder(nn.Module):
                 kernel_init=layers.torch_kernel_init, bias_init=layers.torch_bias_init(fan_in),
                 name='conv')(features)
     return pixel_shuffle(x, self.encoder_stride).astype(jnp.float32)
+
+
+class TokenHead(nn.Module):
+  """BERT's masked-LM head: dense -> GELU -> LayerNorm -> tied embedding (`decode`) + a bias per id.
+
+  Applied to the gathered masked positions only (B, K, C), never to every position.
+  """
+  vocab_size: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, features: jax.Array, decode) -> jax.Array:
+    x = nn.Dense(features.shape[-1], dtype=self.dtype, kernel_init=layers.trunc_init, name='dense')(features)
+    x = layers.layer_norm(1e-12, 'norm')(nn.gelu(x, approximate=False)).astype(self.dtype)
+    logits = decode(x) + self.param('bias', nn.initializers.zeros, (self.vocab_size,)).astype(self.dtype)
+    return logits.astype(jnp.float32)
