@@ -16,6 +16,7 @@ import numpy as np
 
 DTYPES_KEY = '__dtypes__'
 NPZ_SUFFIX = '.npz'
+TORCH_SUFFIXES = ('.pth', '.pt', '.bin', '.safetensors')
 
 
 def flatten(params: Any, prefix: str = '') -> dict[str, Any]:
@@ -140,11 +141,15 @@ def select(params: dict[str, Any], subtree: str | None) -> dict[str, Any]:
 
 def load_params(path: str, subtree: str | None = None, step: int | None = None) -> dict[str, Any]:
   """Nested dict of NumPy arrays from an `.npz` (save_npz) or an Orbax checkpoint (workdir, checkpoints dir,
-  step dir); `subtree` ('encoder', 'encoder/blocks_0') selects part of it."""
+  step dir), or a PyTorch `.pth`/`.safetensors` (official SimMIM or timm layout: simmim_jax.interop, needs
+  torch); `subtree` ('encoder', 'encoder/blocks_0') selects part of it."""
   if path.endswith(NPZ_SUFFIX):
     if not os.path.isfile(path):
       raise FileNotFoundError(f'{path} does not exist: give the .npz written by tools/export_params.py.')
     params = _load_npz(path)
+  elif path.endswith(TORCH_SUFFIXES):
+    from simmim_jax.interop import torch_io  # pylint: disable=import-outside-toplevel
+    params = torch_io.import_torch(path)
   else:
     params = _load_checkpoint(checkpoint_step_dir(path, step))
   return select(params, subtree)
