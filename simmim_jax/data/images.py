@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import ml_collections
@@ -137,6 +137,16 @@ def pretrain_batches(data: ml_collections.ConfigDict, *, image_size: int, batch_
                      seed: int, start_batch: int = 0, process_index: int | None = None,
                      process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
   """Endless per-process batches {'image': f32 (B, S, S, 3), 'label': i32 (B,)}, from batch start_batch."""
+  return keyed_batches(data, lambda key, encoded: _augment(key, encoded, data, image_size),
+                       batch_size=batch_size, seed=seed, start_batch=start_batch,
+                       process_index=process_index, process_count=process_count)
+
+
+def keyed_batches(data: ml_collections.ConfigDict,
+                  transform: Callable[[tf.Tensor, tf.Tensor], tf.Tensor], *, batch_size: int,
+                  seed: int, start_batch: int = 0, process_index: int | None = None,
+                  process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+  """Endless batches of transform(example key, encoded image) and labels: the scheme in the module doc."""
   index = jax.process_index() if process_index is None else process_index
   count = jax.process_count() if process_count is None else process_count
   source, size = _process_slice(dataset_builder(data), data.split, index, count)
@@ -160,7 +170,7 @@ def pretrain_batches(data: ml_collections.ConfigDict, *, image_size: int, batch_
 
   def prepare(epoch, i, encoded, label) -> dict[str, tf.Tensor]:
     key = tf.random.experimental.stateless_fold_in(epoch_key(epoch), i)
-    return {'image': _augment(key, encoded, data, image_size), 'label': tf.cast(label, tf.int32)}
+    return {'image': transform(key, encoded), 'label': tf.cast(label, tf.int32)}
 
   ds = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).flat_map(one_epoch)
   ds = ds.skip(skip_batches * batch_size)  # still encoded: skipping costs reading, not decoding
