@@ -94,3 +94,39 @@ def resolve_steps(cfg: ml_collections.ConfigDict, name: str, steps_per_epoch: in
   if epochs is None:
     raise ValueError(f'Set {name}_steps or {name}_epochs in the config.')
   return int(round(float(epochs) * steps_per_epoch))
+
+
+def text_pretrain_config() -> ml_collections.ConfigDict:
+  """Every field of a text pretraining run (masked tokens on packed sentencepiece rows), set to BERT-base
+  sizes; the optimizer, mesh and checkpoint fields are the image ones. Learning rates are per 512 rows."""
+  c = pretrain_config()
+  for name in ('model', 'mask', 'loss', 'data', 'image_every_steps'):
+    del c[name]
+  c.model = ml_collections.ConfigDict()
+  c.model.name = 'text'
+  c.model.variant = 'base'  # decoded from models/text.py's variant table (tiny ... base, large)
+  c.model.vocab_size = 32_000  # must equal the tokenizer's piece count
+  c.model.max_len = 512  # learned positions
+  c.model.mask_id = 3  # [MASK], as tools/train_tokenizer.py assigns it
+  c.model.drop_path_rate = 0.1
+  c.model.dtype = 'float32'
+
+  c.mask = ml_collections.ConfigDict()
+  c.mask.mask_ratio = 0.15  # of each row's real tokens (ceil), as BERT
+  c.mask.span = 1  # tokens per masked block (block masking on the 1-d grid); 1: single tokens
+  c.mask.strategy = 'bert'  # 'bert': 80 % [MASK] / 10 % random / 10 % kept; 'mask_token': all [MASK]
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = 'c4'  # a tfds text dataset; 'pydoc_topics' (embedded); 'text_files' (data_dir/<split>/*.txt); 'synthetic'
+  c.data.data_dir = config_dict.placeholder(str)
+  c.data.split = 'train'
+  c.data.eval_split = 'validation'  # held-out masked-token loss/accuracy/perplexity; None: no evaluation
+  c.data.text_key = 'text'
+  c.data.tokenizer = config_dict.placeholder(str)  # a .model from tools/train_tokenizer.py
+  c.data.seq_len = 512
+  c.data.cache_dir = config_dict.placeholder(str)  # tokenised documents saved here and reused; None: in memory
+  c.data.prefetch = 2
+
+  c.eval_every_steps = 10_000
+  c.eval_batches = config_dict.placeholder(int)  # None: the whole held-out split (this process's share)
+  return c

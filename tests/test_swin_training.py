@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from simmim_jax import config_io, feed, models, optim, pretrain_step, sharding
+from simmim_jax import config_io, feed, optim, pretrain_step, sharding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,13 +26,10 @@ def config_path(name: str) -> str:
 def one_step(config, devices):
   """One train step of the tiny Swin config on a mesh over `devices`: (loss, params before, params after)."""
   mesh = sharding.make_mesh(config.mesh, devices)
-  model = models.build_simmim(config.model)
-  schedule = optim.lr_schedule(config.optim, total_steps=100, steps_per_epoch=10, batch_size=config.batch_size)
-  tx = optim.make_optimizer(config.optim, schedule, model.encoder.no_weight_decay)
-  init, _, shardings = pretrain_step.abstract_state(model, tx, config, mesh)
-  state = init()
+  s = pretrain_step.setup(config, mesh, total_steps=100, steps_per_epoch=10)
+  state = s.init()
   before = jax.device_get(state.params)
-  step = pretrain_step.make_train_step(model, tx, schedule, config, mesh, shardings)
+  step = pretrain_step.make_train_step(s.model, s.tx, s.schedule, config, mesh, s.shardings)
   images = np.random.default_rng(0).standard_normal((config.batch_size, 32, 32, 3)).astype(np.float32)
   state, metrics = step(state, feed.to_global({'image': images}, sharding.batch_sharding(mesh)))
   return float(metrics['loss']), before, jax.device_get(state.params)
@@ -104,10 +101,8 @@ def test_recipe_lowers_at_the_real_per_device_batch(spec, name, variant, window,
   per_device = config.batch_size // 16
   config.batch_size = per_device
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-  model = models.build_simmim(config.model)
+  model, tx, schedule, _, abstract, shardings = pretrain_step.setup(config, mesh, total, steps_per_epoch)
   assert model.encoder.stride == 32 and model.encoder.patch_size == config.mask.model_patch_size
-  tx = optim.make_optimizer(config.optim, schedule, model.encoder.no_weight_decay)
-  _, abstract, shardings = pretrain_step.abstract_state(model, tx, config, mesh)
   step = pretrain_step.make_train_step(model, tx, schedule, config, mesh, shardings)
   batch = {'image': jax.ShapeDtypeStruct((per_device, 192, 192, 3), jnp.float32,
                                          sharding=sharding.batch_sharding(mesh))}

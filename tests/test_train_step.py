@@ -3,7 +3,7 @@ import jax
 import numpy as np
 import pytest
 
-from simmim_jax import config_io, feed, models, optim, pretrain_step, sharding
+from simmim_jax import config_io, feed, pretrain_step, sharding
 
 
 def tiny_config(**overrides):
@@ -15,12 +15,9 @@ def tiny_config(**overrides):
 def run_steps(config, devices, num_steps=2):
   """Runs the step on a mesh over `devices`; returns per-step losses and the final params on the host."""
   mesh = sharding.make_mesh(config.mesh, devices)
-  model = models.build_simmim(config.model)
-  schedule = optim.lr_schedule(config.optim, total_steps=100, steps_per_epoch=10, batch_size=config.batch_size)
-  tx = optim.make_optimizer(config.optim, schedule, model.encoder.no_weight_decay)
-  init, _, shardings = pretrain_step.abstract_state(model, tx, config, mesh)
-  state = init()
-  step = pretrain_step.make_train_step(model, tx, schedule, config, mesh, shardings)
+  s = pretrain_step.setup(config, mesh, total_steps=100, steps_per_epoch=10)
+  state = s.init()
+  step = pretrain_step.make_train_step(s.model, s.tx, s.schedule, config, mesh, s.shardings)
   rng = np.random.default_rng(0)
   losses = []
   for _ in range(num_steps):

@@ -1,11 +1,12 @@
-"""Model registry: `build_encoder(config.model)` and the SimMIM wrapper (encoder + pixel decoder)."""
+"""Model registry: `build_encoder(config.model)`, the SimMIM wrapper (encoder + pixel decoder) and the
+masked-LM wrapper for text (encoder + tied token head)."""
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from simmim_jax.models import heads, vit
+from simmim_jax.models import heads, text, vit
 
 
 def build_encoder(model: ml_collections.ConfigDict) -> nn.Module:
@@ -17,7 +18,9 @@ def build_encoder(model: ml_collections.ConfigDict) -> nn.Module:
   if model.name in ('swin', 'swinv2'):
     from simmim_jax.models import swin  # pylint: disable=import-outside-toplevel
     return swin.build(model, dtype)
-  raise ValueError(f"Unknown model.name {model.name!r}: use 'vit', 'swin' or 'swinv2'.")
+  if model.name == 'text':
+    return text.build(model, dtype)
+  raise ValueError(f"Unknown model.name {model.name!r}: use 'vit', 'swin', 'swinv2' or 'text'.")
 
 
 class SimMIM(nn.Module):
@@ -34,3 +37,8 @@ class SimMIM(nn.Module):
 def build_simmim(model: ml_collections.ConfigDict) -> SimMIM:
   """The pretraining model for this config."""
   return SimMIM(build_encoder(model), model.in_chans)
+
+
+def build_masked_lm(model: ml_collections.ConfigDict) -> text.MaskedLM:
+  """The text pretraining model for this config (model.name 'text')."""
+  return text.MaskedLM(build_encoder(model))

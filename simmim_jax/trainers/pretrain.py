@@ -1,14 +1,14 @@
-"""SimMIM pretraining, top to bottom: set-up, state (born sharded) and resume, data, the loop."""
+"""SimMIM pretraining, top to bottom: set-up, state (born sharded) and resume, data, the loop.
+
+One trainer for every modality: config.model.name picks the task (simmim_jax/tasks.py: images or text),
+which supplies the model, masks, loss, data and, for text, held-out evaluation."""
 import math
 import os
-from typing import Iterator
-
 import jax
 import ml_collections
 import numpy as np
 
-from simmim_jax import checkpoint, feed, masking, metrics, models, optim, pretrain_step, sharding, visualize
-from simmim_jax.data import images
+from simmim_jax import checkpoint, feed, metrics, pretrain_step, sharding, tasks, visualize
 from simmim_jax.defaults import resolve_steps
 
 
@@ -23,21 +23,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | N
   # ----------------------------------------------------------------------------------------------------
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch_size(config.batch_size, mesh, config.optim.accum_steps)
-  model = models.build_simmim(config.model)
-  if model.encoder.patch_size != config.mask.model_patch_size:
-    raise ValueError(f'mask.model_patch_size={config.mask.model_patch_size} must equal the encoder patch '
-                     f'size {model.encoder.patch_size} of {config.model.name} {config.model.variant}.')
-  masking.check_image_mask(config.model.image_size, config.mask.mask_patch_size, config.mask.model_patch_size)
-  steps_per_epoch = max(num_examples(config) // config.batch_size, 1)  # fails fast if data is missing
+  task = tasks.for_config(config)
+  task.build_model(config)  # the model's config checks, before any data is read
+  data = task.data(config)  # fails fast if the data is missing
+  steps_per_epoch = max(data.num_examples // config.batch_size, 1)
   total_steps = resolve_steps(config, 'total', steps_per_epoch)
-  schedule = optim.lr_schedule(config.optim, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
-                               batch_size=config.batch_size)
-  tx = optim.make_optimizer(config.optim, schedule, model.encoder.no_weight_decay)
+  model, tx, schedule, init, abstract, shardings = pretrain_step.setup(config, mesh, total_steps, steps_per_epoch)
 
   # ----------------------------------------------------------------------------------------------------
   # State: restored from the latest checkpoint, else initialised directly in its shardings.
   # ----------------------------------------------------------------------------------------------------
-  init, abstract, shardings = pretrain_step.abstract_state(model, tx, config, mesh)
   ckpt = checkpoint.Checkpointer(workdir, config.checkpoint)
   checkpoint.write_config(workdir, config)
   start = ckpt.latest_step() or 0
@@ -48,7 +43,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | N
     state = init()
   num_params = sum(math.prod(p.shape) for p in jax.tree.leaves(abstract.params['encoder']))
   log(f'{config.model.name} {config.model.variant}: {num_params / 1e6:.2f}M encoder parameters; mesh '
-      f'{dict(mesh.shape)}; {total_steps} steps of {config.batch_size} images ({steps_per_epoch} per epoch).')
+      f'{dict(mesh.shape)}; {total_steps} steps of {config.batch_size} {"rows" if task.name == "text" else "images"} '
+      f'({steps_per_epoch} per epoch).')
   end = total_steps if max_steps is None else min(total_steps, start + max_steps)
   if start >= end:
     log(f'Nothing to do: the run is at step {start} of {total_steps}.')
@@ -58,13 +54,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | N
   # ----------------------------------------------------------------------------------------------------
   # Data: this process's slice, resumed at the step's position, fed to the mesh as global arrays.
   # ----------------------------------------------------------------------------------------------------
-  batches = feed.prefetch(local_batches(config, start), sharding.batch_sharding(mesh), config.data.prefetch)
+  batches = feed.prefetch(data.batches(start), sharding.batch_sharding(mesh), config.data.prefetch)
 
   # ----------------------------------------------------------------------------------------------------
   # The loop. Metrics are fetched from the device only at log steps, so the host runs ahead.
   # ----------------------------------------------------------------------------------------------------
   train_step = pretrain_step.make_train_step(model, tx, schedule, config, mesh, shardings)
-  reconstruct = pretrain_step.make_reconstruct(model, config, mesh, num_images=8)
+  figures = task.name == 'image'  # text has no figure; it is scored on the held-out split instead
+  reconstruct = pretrain_step.make_reconstruct(model, config, mesh, num_images=8) if figures else None
+  evaluate = make_evaluate(task, model, config, mesh, data)
   writer = metrics.Writer(workdir, total_steps, config.batch_size)
   logged = {}
   for step in range(start + 1, end + 1):
@@ -72,9 +70,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | N
     state, step_metrics = train_step(state, batch)
     preempted = ckpt.reached_preemption(step)
     save = step % config.checkpoint.every_steps == 0 or step == end or preempted
-    log_now = step % config.log_every_steps == 0 or step in (start + 1, end)
+    eval_now = evaluate is not None and (step % config.eval_every_steps == 0 or step == end)
+    log_now = step % config.log_every_steps == 0 or step in (start + 1, end) or eval_now
     if log_now:
-      logged = writer.scalars(step, step_metrics)
+      eval_metrics = evaluate(state.params) if eval_now else {}
+      logged = writer.scalars(step, {**step_metrics, **eval_metrics})
+      if eval_metrics:
+        log(f'held-out at step {step}: ' + ' | '.join(f'{k[5:]} {v:.4f}' for k, v in eval_metrics.items()))
     if log_now or save:
       check_finite(step, step_metrics, ckpt)  # never checkpoint a diverged state
     if save:
@@ -83,7 +85,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | N
     if preempted:
       log(f'Preemption notice: saved step {step}; rerun the same command to resume.')
       break
-    if step % config.image_every_steps == 0 or step == end:
+    if figures and (step % config.image_every_steps == 0 or step == end):
       write_reconstructions(writer, workdir, step, config, reconstruct(state.params, batch['image'], step))
   ckpt.wait()
   ckpt.close()
@@ -101,21 +103,22 @@ def check_finite(step: int, step_metrics: dict[str, jax.Array], ckpt: checkpoint
         f'{ckpt.latest_step()}) is kept; lower optim.base_lr or lengthen the warmup, then rerun.')
 
 
-def num_examples(config: ml_collections.ConfigDict) -> int:
-  """Examples in the training split (all processes); 'synthetic' counts as one epoch per 100 steps."""
-  if config.data.name == 'synthetic':
-    return 100 * config.batch_size
-  return images.num_examples(config.data)
+def make_evaluate(task, model, config: ml_collections.ConfigDict, mesh, data: tasks.DataSource):
+  """params -> held-out metrics over data.eval_batches (the same rows and masks every time); None if the
+  task has no held-out evaluation."""
+  if data.eval_batches is None:
+    return None
+  eval_step = pretrain_step.make_eval_step(model, config, mesh, data.eval_constants)
+  batch_sharding = sharding.batch_sharding(mesh)
 
+  def evaluate(params) -> dict[str, float]:
+    totals = {}
+    for index, batch in enumerate(data.eval_batches()):
+      sums = jax.device_get(eval_step(params, feed.to_global(batch, batch_sharding), index))
+      totals = {k: totals.get(k, 0.0) + float(v) for k, v in sums.items()}
+    return task.eval_metrics(totals)
 
-def local_batches(config: ml_collections.ConfigDict, start: int) -> Iterator[feed.Batch]:
-  """This process's batches from step `start` on: its slice of the tfds split, or of the synthetic source."""
-  local = config.batch_size // jax.process_count()
-  if config.data.name == 'synthetic':
-    return feed.synthetic_batches(config.batch_size, config.model.image_size, config.model.in_chans, config.seed,
-                                  start, jax.process_index(), jax.process_count())
-  return images.pretrain_batches(config.data, image_size=config.model.image_size, batch_size=local,
-                                 seed=config.seed, start_batch=start)
+  return evaluate
 
 
 def write_reconstructions(writer: metrics.Writer, workdir: str, step: int, config: ml_collections.ConfigDict,

@@ -1,0 +1,49 @@
+"""The embedded text default: masked token modelling on Python's own documentation, offline, CPU minutes.
+
+Command:  python -m simmim_jax.main --config=configs/text_tiny.py --workdir=/tmp/simmim_text_tiny
+Runtime:  about 5 minutes on 2 idle CPU cores (1000 steps of 32 rows x 128 tokens); rerunning on the same
+          workdir resumes from the latest checkpoint, or says the run is finished.
+Expected: held-out (validation topics) masked-token accuracy ~0.3 at the end against ~0.03 for the unigram
+          baseline (always predicting the most frequent token, '▁the'); eval_loss ~4 nats. Printed at each
+          evaluation as eval_accuracy and eval_unigram_accuracy, also in metrics.jsonl.
+
+Data: `pydoc_data.topics` (79 topics, ~465k characters, one paragraph per document), registered as the tfds
+builder `pydoc_topics` and prepared locally; 71 topics train, 8 held out. A 2,048-piece unigram
+sentencepiece model is trained on the train split when the run starts (deterministic, under a second).
+Model: BERT 'tiny' sizes (width 128, 2 blocks), masking 15 % of tokens in spans of 1 with [MASK].
+"""
+import ml_collections
+
+from simmim_jax import defaults
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  del arg
+  c = defaults.text_pretrain_config()
+  c.batch_size = 32
+  c.total_steps = 1000
+
+  c.model.variant = 'tiny'
+  c.model.vocab_size = 2048
+  c.model.max_len = 128
+  c.model.drop_path_rate = 0.0
+
+  c.mask.strategy = 'mask_token'
+
+  c.data.name = 'pydoc_topics'
+  c.data.seq_len = 128
+
+  c.optim.schedule = 'cosine'
+  c.optim.base_lr = 1.6e-2  # per 512 rows: 1e-3 at batch 32
+  c.optim.warmup_lr = 0.0
+  c.optim.min_lr = 1.6e-4
+  c.optim.warmup_steps = 50
+  c.optim.weight_decay = 0.01
+  c.optim.b2 = 0.98
+  c.optim.eps = 1e-6
+  c.optim.clip_grad = 1.0
+
+  c.checkpoint.every_steps = 500
+  c.log_every_steps = 50
+  c.eval_every_steps = 250
+  return c
