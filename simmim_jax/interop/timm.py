@@ -21,7 +21,8 @@ from simmim_jax.interop import layout
 
 CLASSES = {'vit_plain': 'VisionTransformer', 'vit_beit': 'Beit', 'swin': 'SwinTransformer',
            'swinv2': 'SwinTransformerV2'}
-# Registered timm names for the standard sizes (same class; the printed kwargs are what counts).
+# Registered timm architectures of the standard sizes (same class; the kwargs, which override their defaults,
+# are what counts). A guessed name is kept only when timm knows it.
 _VIT_NAMES = {'Ti': 'tiny', 'S': 'small', 'B': 'base', 'L': 'large', 'H': 'huge'}
 _SWIN_NAMES = {'T': 'tiny', 'S': 'small', 'B': 'base', 'L': 'large'}
 
@@ -51,6 +52,21 @@ def from_timm(state_dict: dict[str, Any], extras: dict[str, Any] | None = None) 
 def timm_spec(model: dict[str, Any], params: dict[str, Any] | None = None) -> dict[str, Any]:
   """{'class', 'kwargs', 'name'} of the timm model for a config's `model` section (a dict, e.g. from the JSON
   beside an export). `params` decides pretraining (headless) or fine-tuning (head size) layout."""
+  spec = _spec(model, params)
+  if spec['name'] is not None and not _registered(spec['name']):
+    spec['name'] = None
+  return spec
+
+
+def _registered(name: str) -> bool:
+  try:
+    import timm as timm_lib  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return False
+  return timm_lib.is_model(name)
+
+
+def _spec(model: dict[str, Any], params: dict[str, Any] | None) -> dict[str, Any]:
   from simmim_jax.models import swin, vit  # pylint: disable=import-outside-toplevel
   rest = layout.split_model(params)[1] if params is not None else {}
   num_classes = int(np.shape(rest['head/kernel'])[-1]) if 'head/kernel' in rest else 0

@@ -1,0 +1,77 @@
+"""Params (`.npz` from tools/export_params.py, or a checkpoint) -> a PyTorch state dict as safetensors.
+
+  python tools/convert_to_torch.py --params /tmp/simmim_vit.npz --out /tmp/simmim_vit.safetensors
+  python tools/convert_to_torch.py --params /tmp/workdir --out /tmp/simmim.pth.safetensors --layout official
+
+--layout timm (default, vision): the state dict of the matching timm model (plain ViT -> VisionTransformer,
+BEiT-style ViT -> Beit, Swin -> SwinTransformer, SwinV2 -> SwinTransformerV2); loads with strict=True. Its
+class and constructor arguments are printed and written to `<out>.timm.json`; the SimMIM parts timm has
+no place for (mask token, decoder) go to `<out>.simmim.safetensors`.
+--layout official: the official SimMIM state dict (encoder.* / decoder.*, or the fine-tuned names).
+The text encoder always uses the layout documented in simmim_jax/interop/text.py.
+"""
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from simmim_jax import params_io  # pylint: disable=g-import-not-at-top
+from simmim_jax.interop import official, timm, torch_io
+
+
+def stem(path: str) -> str:
+  return path.removesuffix('.safetensors')
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--params', required=True, help='.npz from export_params.py, or a workdir/step dir')
+  parser.add_argument('--out', required=True, help='output .safetensors path')
+  parser.add_argument('--layout', choices=('timm', 'official'), default='timm')
+  parser.add_argument('--config', default=None, help='config JSON (default: the one beside --params)')
+  args = parser.parse_args(argv)
+  if not args.out.endswith('.safetensors'):
+    parser.error(f'--out must end in .safetensors, got {args.out!r}')
+
+  params = params_io.load_params(args.params)
+  if args.config:
+    with open(args.config) as f:
+      config = json.load(f)
+  else:
+    config = params_io.load_config(args.params)
+  if not config or 'model' not in config:
+    parser.error(f'No config with a model section beside {args.params}: pass --config (a config.json of the run).')
+  model = config['model']
+
+  if model['name'] == 'text':
+    from simmim_jax.interop import text  # pylint: disable=import-outside-toplevel
+    state = text.to_torch(params)
+    torch_io.write_safetensors(args.out, state)
+    print(f'Wrote {len(state)} tensors to {args.out} (text layout: see simmim_jax/interop/text.py)')
+    return
+  if args.layout == 'official':
+    state = official.to_official(params)
+    torch_io.write_safetensors(args.out, state)
+    print(f'Wrote {len(state)} tensors to {args.out} (official SimMIM layout)')
+    return
+
+  state, extras = timm.to_timm(params)
+  spec = timm.timm_spec(model, params)
+  torch_io.write_safetensors(args.out, state)
+  with open(stem(args.out) + '.timm.json', 'w') as f:
+    json.dump(spec, f, indent=2)
+  print(f'Wrote {len(state)} tensors to {args.out} for timm.models.{spec["class"]}'
+        + (f' (registered architecture: {spec["name"]})' if spec['name'] else ''))
+  if extras:
+    torch_io.write_safetensors(stem(args.out) + torch_io.SIDECAR, extras)
+    print(f'SimMIM parts timm has no place for ({", ".join(sorted(extras))}) -> {stem(args.out)}{torch_io.SIDECAR}')
+  print('Build and load it with:')
+  print('  import timm, safetensors.torch')
+  print(f'  model = timm.models.{spec["class"]}(**{spec["kwargs"]!r})')
+  print(f'  model.load_state_dict(safetensors.torch.load_file({args.out!r}))')
+
+
+if __name__ == '__main__':
+  main()
