@@ -8,7 +8,8 @@ BEiT-style ViT -> Beit, Swin -> SwinTransformer, SwinV2 -> SwinTransformerV2); l
 class and constructor arguments are printed and written to `<out>.timm.json`; the SimMIM parts timm has
 no place for (mask token, decoder) go to `<out>.simmim.safetensors`.
 --layout official: the official SimMIM state dict (encoder.* / decoder.*, or the fine-tuned names).
-The text encoder always uses the layout documented in simmim_jax/interop/text.py.
+The text encoder always uses the layout documented in simmim_jax/interop/text.py (module: interop/torch_text.py,
+spec in `<out>.text.json`).
 """
 import argparse
 import json
@@ -48,8 +49,15 @@ def main(argv: list[str] | None = None) -> None:
   if model['name'] == 'text':
     from simmim_jax.interop import text  # pylint: disable=import-outside-toplevel
     state = text.to_torch(params)
+    spec = {'class': 'simmim_jax.interop.torch_text.TextEncoder',
+            'kwargs': dict(text.torch_kwargs(model), with_head=any(k.startswith('head.') for k in state))}
     torch_io.write_safetensors(args.out, state)
+    with open(stem(args.out) + '.text.json', 'w') as f:
+      json.dump(spec, f, indent=2)
     print(f'Wrote {len(state)} tensors to {args.out} (text layout: see simmim_jax/interop/text.py)')
+    print(f'Build and load it with:\n  from simmim_jax.interop import torch_text\n'
+          f'  model = torch_text.TextEncoder(**{spec["kwargs"]!r})\n'
+          f'  model.load_state_dict(safetensors.torch.load_file({args.out!r}))')
     return
   if args.layout == 'official':
     state = official.to_official(params)

@@ -66,7 +66,10 @@ def write_safetensors(path: str, state_dict: dict[str, np.ndarray], metadata: di
 
 
 def import_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
-  """An official SimMIM or a timm state dict (layout detected from its names) -> params for this package."""
+  """An official SimMIM, timm or text-layout state dict (detected from its names) -> params for this package."""
+  if 'embedding.weight' in state_dict:
+    from simmim_jax.interop import text  # pylint: disable=import-outside-toplevel
+    return text.from_torch(state_dict)
   if official.is_official(state_dict):
     return official.from_official(state_dict)
   return timm.from_timm(state_dict)
