@@ -1,4 +1,7 @@
-"""timm fine-tune augmentations in TF against PIL (what timm runs), determinism, parsing, erasing, eval crop."""
+"""timm fine-tune augmentations in TF against PIL (what timm runs), determinism, parsing, erasing, eval
+crop; the classification pipelines (exact evaluation on 8 simulated processes, resumable training)."""
+import collections
+import itertools
 import math
 
 import numpy as np
@@ -6,7 +9,9 @@ import pytest
 import tensorflow as tf
 from PIL import Image, ImageEnhance, ImageOps
 
-from simmim_jax.data import augment
+from simmim_jax import defaults
+from simmim_jax.data import augment, classification
+from simmim_jax.data.builders import digits
 
 FILL = (124, 116, 104)  # timm img_mean for the ImageNet mean
 
@@ -19,9 +24,9 @@ def _photo(height: int = 12, width: int = 10, seed: int = 0) -> np.ndarray:
   return np.clip(base + 20, 20, 230).astype(np.uint8)
 
 
-def _tf(op, image: np.ndarray, *args, **kwargs) -> np.ndarray:
+def _tf(op, image: np.ndarray) -> np.ndarray:
   """Runs a TF op on a uint8 image, returns uint8."""
-  out = op(tf.constant(image, tf.float32), *args, **kwargs).numpy()
+  out = op(tf.constant(image, tf.float32)).numpy()
   assert np.all(out == np.round(out)) and out.min() >= 0 and out.max() <= 255
   return out.astype(np.uint8)
 
@@ -37,19 +42,24 @@ def _solarize_add_pil(img: Image.Image, add: int, thresh: int = 128) -> Image.Im
   return img.point(lut * 3)
 
 
+def _op(name: str, *arg, interpolation: str = 'bicubic'):
+  """augment.apply_op for one timm op name, as a function of the image."""
+  return lambda image: augment.apply_op(name, image, *(arg or (0,)), FILL, interpolation)
+
+
 @pytest.mark.parametrize('seed', [0, 1])
-def test_pointwise_ops_equal_pil_exactly(seed):
+def test_lookup_table_ops_equal_pil_exactly(seed):
   image = _photo(seed=seed)
-  cases = [(augment.auto_contrast, ImageOps.autocontrast, ()), (augment.equalize, ImageOps.equalize, ()),
-           (augment.invert, ImageOps.invert, ())]
-  cases += [(augment.posterize, ImageOps.posterize, (b,)) for b in range(1, 5)]
-  cases += [(augment.solarize, ImageOps.solarize, (t,)) for t in (0, 77, 128, 256)]
-  cases += [(augment.solarize_add, _solarize_add_pil, (a,)) for a in (0, 49, 110)]
-  for ours, theirs, args in cases:
-    np.testing.assert_array_equal(_tf(ours, image, *args), _pil(theirs, image, *args),
-                                  err_msg=f'{ours.__name__}{args}')
+  cases = [('AutoContrast', ImageOps.autocontrast, ()), ('Equalize', ImageOps.equalize, ()),
+           ('Invert', ImageOps.invert, ())]
+  cases += [('Posterize', ImageOps.posterize, (b,)) for b in range(1, 5)]
+  cases += [('Solarize', ImageOps.solarize, (t,)) for t in (0, 77, 128, 256)]
+  cases += [('SolarizeAdd', _solarize_add_pil, (a,)) for a in (0, 49, 110)]
+  for name, theirs, args in cases:
+    np.testing.assert_array_equal(_tf(_op(name, *args), image), _pil(theirs, image, *args),
+                                  err_msg=f'{name}{args}')
   # PosterizeIncreasing at level 10 keeps 0 bits: older Pillow gave black (i & ~255), Pillow 13 raises.
-  assert not _tf(augment.posterize, image, 0).any()
+  assert not _tf(_op('Posterize', 0), image).any()
 
 
 def test_auto_contrast_and_equalize_edge_cases_equal_pil():
@@ -59,33 +69,33 @@ def test_auto_contrast_and_equalize_edge_cases_equal_pil():
   few = np.zeros((5, 6, 3), np.uint8)  # step == 0 in equalize (fewer than 256 pixels off the top bin)
   few[:2] = 9
   for image in (flat, two, few, _photo(40, 40, seed=3)):
-    np.testing.assert_array_equal(_tf(augment.auto_contrast, image), _pil(ImageOps.autocontrast, image))
-    np.testing.assert_array_equal(_tf(augment.equalize, image), _pil(ImageOps.equalize, image))
+    np.testing.assert_array_equal(_tf(_op('AutoContrast'), image), _pil(ImageOps.autocontrast, image))
+    np.testing.assert_array_equal(_tf(_op('Equalize'), image), _pil(ImageOps.equalize, image))
 
 
-@pytest.mark.parametrize('name, pil_cls', [('color', ImageEnhance.Color),
-                                           ('contrast', ImageEnhance.Contrast),
-                                           ('brightness', ImageEnhance.Brightness),
-                                           ('sharpness', ImageEnhance.Sharpness)])
+@pytest.mark.parametrize('name, pil_cls', [('Color', ImageEnhance.Color),
+                                           ('Contrast', ImageEnhance.Contrast),
+                                           ('Brightness', ImageEnhance.Brightness),
+                                           ('Sharpness', ImageEnhance.Sharpness)])
 def test_enhance_ops_equal_pil(name, pil_cls):
   image = _photo(14, 11, seed=2)
   for factor in (0.1, 0.55, 1.0, 1.37, 1.9):
-    ours = _tf(getattr(augment, name), image, factor).astype(int)
+    ours = _tf(_op(name, factor), image).astype(int)
     theirs = _pil(lambda im, f: pil_cls(im).enhance(f), image, factor).astype(int)
     # Float32 rounding inside PIL's C code can differ by one at exact ties; nowhere by more.
     assert np.abs(ours - theirs).max() <= 1, (name, factor)
     assert np.mean(ours == theirs) >= 0.99, (name, factor)
 
 
-def _timm_affine(kind: str, arg: float, resample):
-  """timm's shear/translate/rotate as PIL calls, with timm's fillcolor."""
+def _timm_affine(name: str, arg: float, resample):
+  """timm's rotate/shear/translate as PIL calls, with timm's fillcolor."""
   def fn(img):
     w, h = img.size
-    if kind == 'rotate':
+    if name == 'Rotate':
       return img.rotate(arg, resample=resample, fillcolor=FILL)
-    matrix = {'shear_x': (1, arg, 0, 0, 1, 0), 'shear_y': (1, 0, 0, arg, 1, 0),
-              'translate_x_rel': (1, 0, arg * w, 0, 1, 0),
-              'translate_y_rel': (1, 0, 0, 0, 1, arg * h)}[kind]
+    matrix = {'ShearX': (1, arg, 0, 0, 1, 0), 'ShearY': (1, 0, 0, arg, 1, 0),
+              'TranslateXRel': (1, 0, arg * w, 0, 1, 0),
+              'TranslateYRel': (1, 0, 0, 0, 1, arg * h)}[name]
     return img.transform(img.size, Image.AFFINE, matrix, resample=resample, fillcolor=FILL)
   return fn
 
@@ -94,13 +104,13 @@ def _timm_affine(kind: str, arg: float, resample):
                                                      ('bilinear', Image.BILINEAR)])
 def test_geometric_ops_equal_pil(interpolation, resample):
   image = _photo(13, 16, seed=4)
-  cases = [('rotate', a) for a in (0.0, 17.3, -30.0, 8.1)]
-  cases += [(k, v) for k in ('shear_x', 'shear_y') for v in (0.3, -0.21)]
-  cases += [(k, v) for k in ('translate_x_rel', 'translate_y_rel') for v in (0.45, -0.137)]
-  for kind, arg in cases:
-    ours = _tf(getattr(augment, kind), image, arg, FILL, interpolation).astype(int)
-    theirs = np.asarray(_timm_affine(kind, arg, resample)(Image.fromarray(image))).astype(int)
-    np.testing.assert_array_equal(ours, theirs, err_msg=f'{kind}({arg})')
+  cases = [('Rotate', a) for a in (0.0, 17.3, -30.0, 8.1)]
+  cases += [(k, v) for k in ('ShearX', 'ShearY') for v in (0.3, -0.21)]
+  cases += [(k, v) for k in ('TranslateXRel', 'TranslateYRel') for v in (0.45, -0.137)]
+  for name, arg in cases:
+    ours = _tf(_op(name, arg, interpolation=interpolation), image)
+    theirs = np.asarray(_timm_affine(name, arg, resample)(Image.fromarray(image)))
+    np.testing.assert_array_equal(ours, theirs, err_msg=f'{name}({arg})')
 
 
 def _timm_level_to_arg(name: str, level: float, negate: bool):
@@ -168,8 +178,8 @@ def test_rand_augment_skip_rate_and_every_op_changes_the_image():
   params = augment.RandAugmentParams(num_layers=1, magnitude=9, increasing=True, prob=0.5)
   image = tf.constant(_photo(20, 20), tf.float32)
   for name in params.ops:
-    out = augment.apply_op(name, image, tf.constant(9.0, tf.float64), tf.constant(False), FILL)
-    assert not np.array_equal(out.numpy(), image.numpy()), name
+    arg = augment.op_argument(name, 9.0, False)
+    assert not np.array_equal(augment.apply_op(name, image, arg, FILL).numpy(), image.numpy()), name
   fn = tf.function(lambda k: augment.rand_augment(k, image, params, FILL))
   n = 600
   same = [np.array_equal(fn(tf.constant([1, i], tf.int64)).numpy(), image.numpy()) for i in range(n)]
@@ -218,3 +228,105 @@ def test_resize_center_crop_shape_centre_and_values():
   assert np.abs(ours - theirs.astype(int)).mean() < 1.5
   tall = augment.resize_center_crop(tf.zeros((50, 20, 1)), 16)  # 20 -> 18, 50 -> 45; crop 16
   assert tall.shape == (16, 16, 1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# classification.py on the embedded digits.
+
+@pytest.fixture(scope='module')
+def digits_dir(tmp_path_factory) -> str:
+  """One offline-prepared copy of the digits for the module."""
+  path = str(tmp_path_factory.mktemp('tfds'))
+  digits.ensure_prepared(path)
+  return path
+
+
+def _data(data_dir: str, **overrides):
+  """Digits data config with the fine-tune augmentation fields (as finetune_config sets them)."""
+  data = defaults.pretrain_config().data
+  data.name, data.data_dir, data.shuffle_buffer, data.prefetch = 'sklearn_digits', data_dir, 256, 1
+  data.crop_scale, data.interpolation = (0.08, 1.0), 'bicubic'
+  data.rand_augment, data.random_erasing = 'rand-m9-mstd0.5-inc1', 0.25
+  data.update(overrides)
+  return data
+
+
+def test_num_classes_and_bad_settings_fail_early(digits_dir):
+  assert classification.num_classes(_data(digits_dir)) == 10
+  for bad, match in ((dict(interpolation='lanczos'), 'interpolation'),
+                     (dict(random_erasing=1.5), 'random_erasing'),
+                     (dict(rand_augment='rand-q3'), 'RandAugment config')):
+    with pytest.raises(ValueError, match=match):
+      classification.train_batches(_data(digits_dir, **bad), image_size=16, batch_size=8, seed=0)
+
+
+def _image_counter(batches) -> collections.Counter:
+  """Multiset of (label, image bytes) over the valid rows."""
+  return collections.Counter((int(l), x.tobytes()) for b in batches
+                             for x, l, v in zip(b['image'], b['label'], b['valid']) if v)
+
+
+def test_eval_batches_count_every_example_once_on_8_processes(digits_dir):
+  data = _data(digits_dir)
+  split, batch = 'train', 32  # 1437 = 5 x 180 + 3 x 179 per process: ragged, and not a batch multiple
+  per_process = [list(classification.eval_batches(data, image_size=12, batch_size=batch, split=split,
+                                                  process_index=i, process_count=8)) for i in range(8)]
+  assert {len(b) for b in per_process} == {math.ceil(180 / batch)}  # same global step count everywhere
+  for batches in per_process:
+    for b in batches:
+      assert b['image'].shape == (batch, 12, 12, 3) and b['valid'].dtype == np.int32
+      assert not b['image'][b['valid'] == 0].any()
+  assert sum(int(b['valid'].sum()) for bs in per_process for b in bs) == 1437
+  single = list(classification.eval_batches(data, image_size=12, batch_size=batch, split=split,
+                                            process_index=0, process_count=1))
+  union = _image_counter(itertools.chain(*per_process))
+  assert union == _image_counter(single) and sum(union.values()) == 1437
+  labels = sorted(int(ex['label']) for ex in digits.ensure_prepared(digits_dir).as_dataset(
+      split=split).as_numpy_iterator())
+  assert sorted(l for l, _ in union.elements()) == labels
+  # More processes than a batch can fill: some slices give only padding, still the same batch count.
+  tiny = [list(classification.eval_batches(data, image_size=8, batch_size=4, split='test[:5]',
+                                           process_index=i, process_count=8)) for i in range(8)]
+  assert [len(b) for b in tiny] == [1] * 8
+  assert [int(b[0]['valid'].sum()) for b in tiny] == [1, 1, 1, 1, 1, 0, 0, 0]
+
+
+def test_eval_images_are_the_deterministic_centre_crop(digits_dir):
+  data = _data(digits_dir)
+  (first, *_), again = [list(classification.eval_batches(data, image_size=16, batch_size=360,
+                                                         split='test')) for _ in range(2)]
+  np.testing.assert_array_equal(first['image'], again[0]['image'])
+  raw = next(digits.ensure_prepared(digits_dir).as_dataset(split='test').as_numpy_iterator())
+  expected = augment.resize_center_crop(tf.constant(raw['image']), 16).numpy()  # 8 -> 18 -> crop 16
+  mean, std = np.array(data.mean, np.float32), np.array(data.std, np.float32)
+  np.testing.assert_allclose(first['image'][0] * std + mean, np.repeat(expected, 3, -1) / 255, atol=1e-5)
+  assert int(first['label'][0]) == int(raw['label'])
+
+
+def _train(data, n: int, **kwargs):
+  """The first n train batches."""
+  kwargs = {'image_size': 16, 'batch_size': 16, 'seed': 0, **kwargs}
+  return list(itertools.islice(classification.train_batches(data, **kwargs), n))
+
+
+def test_train_batches_deterministic_resumable_and_augmented(digits_dir):
+  data = _data(digits_dir, split='test')
+  first = _train(data, 3)
+  again = _train(data, 3)
+  resumed = _train(data, 2, start_batch=23)  # 360 // 16 = 22 per epoch: resumes inside epoch 2
+  later = _train(data, 25)[23:]
+  for a, b in zip(first + resumed, again + later):
+    np.testing.assert_array_equal(a['image'], b['image'])
+    np.testing.assert_array_equal(a['label'], b['label'])
+  assert not np.array_equal(first[0]['image'], _train(data, 1, seed=1)[0]['image'])
+  batch = first[0]
+  assert batch['image'].shape == (16, 16, 16, 3) and batch['image'].dtype == np.float32
+  assert batch['label'].dtype == np.int32 and set(batch['label']) <= set(range(10))
+  # Colour ops (and erasing noise) break the grey digits' R = G = B on some images but not all.
+  pixels = np.concatenate([b['image'] for b in first]) * np.array(data.std) + np.array(data.mean)
+  coloured = np.abs(pixels[..., 0] - pixels[..., 2]).max(axis=(1, 2)) > 0.02
+  assert 0.1 < coloured.mean() < 0.9
+  plain = _train(_data(digits_dir, split='test', rand_augment=None, random_erasing=0.0), 1)[0]['image']
+  plain = plain * np.array(data.std, np.float32) + np.array(data.mean, np.float32)
+  np.testing.assert_allclose(plain[..., 0], plain[..., 2], atol=1e-5)
+  np.testing.assert_allclose(plain * 255, np.round(plain * 255), atol=1e-3)  # uint8 levels, as PIL

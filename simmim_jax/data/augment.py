@@ -75,7 +75,9 @@ def parse_rand_augment(config_str: str) -> RandAugmentParams:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Ops on float32 (H, W, 3) images holding integers 0..255, as the PIL functions timm calls.
+# Ops on float32 (H, W, 3) images holding integers 0..255, as the PIL functions timm calls. They come
+# in three families (lookup table, blend with a degenerate image, affine resampling), so RandAugment
+# switches between 3 branches rather than 15: a much smaller tf.data graph, traced in a fraction of the time.
 
 def _f64(value) -> tf.Tensor:
   """float64 tensor; Python floats go in directly (tf.cast would round them through float32)."""
@@ -88,102 +90,68 @@ def _histogram(image: tf.Tensor) -> tf.Tensor:
   return tf.reshape(tf.math.bincount(tf.reshape(index, [-1]), minlength=768, maxlength=768), [3, 256])
 
 
-def _apply_lut(image: tf.Tensor, lut: tf.Tensor) -> tf.Tensor:
-  """image -> lut[channel, value] for a (3, 256) table (PIL Image.point)."""
-  index = tf.cast(image, tf.int32) + 256 * tf.range(3)
-  return tf.cast(tf.gather(tf.reshape(lut, [-1]), index), tf.float32)
-
-
-def auto_contrast(image: tf.Tensor) -> tf.Tensor:
-  """ImageOps.autocontrast(cutoff=0): stretch each channel's [min, max] to [0, 255], int() truncation."""
+def _auto_contrast_lut(hist: tf.Tensor) -> tf.Tensor:
+  """ImageOps.autocontrast(cutoff=0): each channel's [min, max] stretched to [0, 255], int() truncation."""
   levels = tf.range(256)
-  present = _histogram(image) > 0
-  lo = tf.reduce_min(tf.where(present, levels, 256), axis=1, keepdims=True)
-  hi = tf.reduce_max(tf.where(present, levels, -1), axis=1, keepdims=True)
+  lo = tf.reduce_min(tf.where(hist > 0, levels, 256), axis=1, keepdims=True)
+  hi = tf.reduce_max(tf.where(hist > 0, levels, -1), axis=1, keepdims=True)
   flat = hi <= lo
   # float64 in PIL's operation order (ix * scale + offset), so the truncation lands where Python's does.
   scale = 255.0 / tf.cast(tf.where(flat, 1, hi - lo), tf.float64)
-  offset = -tf.cast(lo, tf.float64) * scale
-  lut = tf.clip_by_value(tf.floor(tf.cast(levels, tf.float64) * scale + offset), 0, 255)
-  return _apply_lut(image, tf.where(flat, tf.cast(levels, tf.float64), lut))
+  lut = tf.floor(tf.cast(levels, tf.float64) * scale - tf.cast(lo, tf.float64) * scale)
+  return tf.where(flat, levels, tf.cast(tf.clip_by_value(lut, 0, 255), tf.int32))
 
 
-def equalize(image: tf.Tensor) -> tf.Tensor:
+def _equalize_lut(hist: tf.Tensor) -> tf.Tensor:
   """ImageOps.equalize: lut[i] = (step // 2 + pixels below i) // step, step from all but the top bin."""
-  hist = _histogram(image)
   levels = tf.range(256)
-  last_bin = tf.reduce_max(tf.where(hist > 0, levels, -1), axis=1)
-  last_count = tf.gather(hist, last_bin, batch_dims=1)
+  last_count = tf.gather(hist, tf.reduce_max(tf.where(hist > 0, levels, -1), axis=1), batch_dims=1)
   step = (tf.reduce_sum(hist, axis=1) - last_count) // 256
   identity = (tf.reduce_sum(tf.cast(hist > 0, tf.int32), axis=1) <= 1) | (step == 0)
   step = tf.maximum(step, 1)[:, None]
-  lut = (step // 2 + tf.cumsum(hist, axis=1, exclusive=True)) // step
-  lut = tf.clip_by_value(lut, 0, 255)  # PIL clips table entries to 8 bits
-  return _apply_lut(image, tf.where(identity[:, None], levels[None], lut))
+  lut = tf.clip_by_value((step // 2 + tf.cumsum(hist, axis=1, exclusive=True)) // step, 0, 255)
+  return tf.where(identity[:, None], levels, lut)  # PIL clips table entries to 8 bits
 
 
-def invert(image: tf.Tensor) -> tf.Tensor:
-  """ImageOps.invert."""
-  return 255.0 - image
+def _lut_family(image: tf.Tensor, member, arg) -> tf.Tensor:
+  """AutoContrast, Equalize, Invert, Posterize(bits), Solarize(threshold), SolarizeAdd(add): all
+  tables are built (cheap), the chosen one is applied as PIL Image.point does."""
+  levels = tf.broadcast_to(tf.range(256), [3, 256])
+  hist = _histogram(image)
+  arg = tf.cast(_f64(arg), tf.int32)
+  shift = 8 - tf.clip_by_value(arg, 0, 8)  # keep the top `arg` bits; 0 bits -> black (see tests)
+  tables = tf.stack([
+      _auto_contrast_lut(hist), _equalize_lut(hist), 255 - levels,
+      tf.bitwise.left_shift(tf.bitwise.right_shift(levels, shift), shift),
+      tf.where(levels < arg, levels, 255 - levels),  # ImageOps.solarize
+      tf.where(levels < 128, tf.minimum(levels + arg, 255), levels)])  # timm solarize_add
+  index = tf.cast(image, tf.int32) + 256 * tf.range(3)
+  return tf.cast(tf.gather(tf.reshape(tf.gather(tables, member), [-1]), index), tf.float32)
 
 
-def posterize(image: tf.Tensor, bits: tf.Tensor) -> tf.Tensor:
-  """ImageOps.posterize: keep the top `bits` bits (timm returns the image unchanged at bits >= 8)."""
-  shift = 8 - tf.clip_by_value(tf.cast(bits, tf.int32), 0, 8)
-  pixels = tf.cast(image, tf.int32)
-  return tf.cast(tf.bitwise.left_shift(tf.bitwise.right_shift(pixels, shift), shift), tf.float32)
-
-
-def solarize(image: tf.Tensor, threshold: tf.Tensor) -> tf.Tensor:
-  """ImageOps.solarize: invert the pixels at or above threshold."""
-  return tf.where(image < tf.cast(threshold, tf.float32), image, 255.0 - image)
-
-
-def solarize_add(image: tf.Tensor, add: tf.Tensor, threshold: int = 128) -> tf.Tensor:
-  """timm solarize_add: below threshold add `add`, capped at 255."""
-  return tf.where(image < threshold, tf.minimum(255.0, image + tf.cast(add, tf.float32)), image)
-
-
-def _grey(image: tf.Tensor) -> tf.Tensor:
-  """PIL convert('L'): ITU-R 601 luma in 16-bit fixed point, rounded, float32 (H, W, 1)."""
-  rgb = tf.cast(image, tf.int32)
-  luma = (rgb[..., 0] * 19595 + rgb[..., 1] * 38470 + rgb[..., 2] * 7471 + 0x8000) // 65536
-  return tf.cast(luma, tf.float32)[..., None]
-
-
-def blend(degenerate: tf.Tensor, image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
+def blend(degenerate: tf.Tensor, image: tf.Tensor, factor) -> tf.Tensor:
   """Image.blend(degenerate, image, factor): float32 arithmetic, truncated and clipped to 0..255."""
   factor = tf.cast(factor, tf.float32)  # PIL passes alpha to C as a float
   return tf.clip_by_value(tf.floor(degenerate + factor * (image - degenerate)), 0.0, 255.0)
 
 
-def color(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
-  """ImageEnhance.Color: blend with the greyscale image."""
-  return blend(tf.broadcast_to(_grey(image), tf.shape(image)), image, factor)
-
-
-def contrast(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
-  """ImageEnhance.Contrast: blend with a flat image at the rounded mean grey level."""
-  mean = tf.floor(tf.reduce_mean(tf.cast(_grey(image), tf.float64)) + 0.5)
-  return blend(tf.cast(mean, tf.float32) + tf.zeros_like(image), image, factor)
-
-
-def brightness(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
-  """ImageEnhance.Brightness: blend with black."""
-  return blend(tf.zeros_like(image), image, factor)
-
-
-def sharpness(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
-  """ImageEnhance.Sharpness: blend with ImageFilter.SMOOTH (3x3, centre 5, /13; border pixels kept)."""
-  weights = tf.constant([1, 1, 1, 1, 5, 1, 1, 1, 1], tf.float32) / 13.0
+def _blend_family(image: tf.Tensor, member, factor) -> tf.Tensor:
+  """ImageEnhance Color, Contrast, Brightness, Sharpness: blend with grey / mean grey / black / SMOOTH."""
+  rgb = tf.cast(image, tf.int32)  # PIL convert('L'): ITU-R 601 luma in 16-bit fixed point, rounded
+  grey = tf.cast((rgb[..., 0] * 19595 + rgb[..., 1] * 38470 + rgb[..., 2] * 7471 + 0x8000) // 65536,
+                 tf.float32)[..., None]
+  mean = tf.floor(tf.reduce_mean(tf.cast(grey, tf.float64)) + 0.5)  # int(ImageStat mean + 0.5)
+  weights = tf.constant([1, 1, 1, 1, 5, 1, 1, 1, 1], tf.float32) / 13.0  # ImageFilter.SMOOTH
   kernel = tf.reshape(weights, [3, 3, 1, 1]) * tf.eye(3)[None, None]  # per channel, no mixing
   smooth = tf.nn.conv2d(image[None], kernel, strides=1, padding='VALID')[0]
-  smooth = tf.clip_by_value(tf.round(smooth), 0.0, 255.0)  # PIL's filter rounds to 8 bits
-  smooth = tf.pad(smooth, [[1, 1], [1, 1], [0, 0]])
+  smooth = tf.pad(tf.clip_by_value(tf.round(smooth), 0.0, 255.0), [[1, 1], [1, 1], [0, 0]])
   height, width = tf.shape(image)[0], tf.shape(image)[1]
   rows, cols = tf.range(height)[:, None, None], tf.range(width)[None, :, None]
-  inner = (rows > 0) & (rows < height - 1) & (cols > 0) & (cols < width - 1)
-  return blend(tf.where(inner, smooth, image), image, factor)
+  inner = (rows > 0) & (rows < height - 1) & (cols > 0) & (cols < width - 1)  # PIL keeps the border
+  degenerates = tf.stack([tf.broadcast_to(grey, tf.shape(image)),
+                          tf.cast(mean, tf.float32) + tf.zeros_like(image), tf.zeros_like(image),
+                          tf.where(inner, smooth, image)])
+  return blend(tf.gather(degenerates, member), image, factor)
 
 
 def _cubic(v1, v2, v3, v4, d):
@@ -194,7 +162,7 @@ def _cubic(v1, v2, v3, v4, d):
 def affine(image: tf.Tensor, matrix, fill, interpolation: str = 'bicubic') -> tf.Tensor:
   """Image.transform(size, AFFINE, matrix, resample, fillcolor): output (x, y) reads input at
   (a x + b y + c, d x + e y + f) with pixel centres at +0.5; samples outside the image get `fill`."""
-  a, b, c, d, e, f = [_f64(m) for m in matrix]
+  a, b, c, d, e, f = tf.unstack(_f64(matrix))
   height, width = tf.shape(image)[0], tf.shape(image)[1]
   ys = tf.cast(tf.range(height), tf.float64)[:, None] + 0.5
   xs = tf.cast(tf.range(width), tf.float64)[None, :] + 0.5
@@ -213,8 +181,7 @@ def affine(image: tf.Tensor, matrix, fill, interpolation: str = 'bicubic') -> tf
     return tf.gather_nd(pixels, tf.stack([yy, xx], axis=-1))
 
   if interpolation == 'bicubic':
-    rows = [_cubic(*[tap(oy, ox) for ox in (-1, 0, 1, 2)], dx) for oy in (-1, 0, 1, 2)]
-    value = _cubic(*rows, dy)
+    value = _cubic(*[_cubic(*[tap(oy, ox) for ox in (-1, 0, 1, 2)], dx) for oy in (-1, 0, 1, 2)], dy)
   elif interpolation == 'bilinear':
     rows = [tap(oy, 0) + (tap(oy, 1) - tap(oy, 0)) * dx for oy in (0, 1)]
     value = rows[0] + (rows[1] - rows[0]) * dy
@@ -224,58 +191,65 @@ def affine(image: tf.Tensor, matrix, fill, interpolation: str = 'bicubic') -> tf
   return tf.where(inside[..., None], value, tf.constant(fill, tf.float32))
 
 
-def rotate(image: tf.Tensor, degrees: tf.Tensor, fill, interpolation: str = 'bicubic') -> tf.Tensor:
-  """Image.rotate(degrees) about the centre (w/2, h/2), counter-clockwise, same size."""
-  angle = -_f64(degrees) * (math.pi / 180.0)
-  # PIL rounds the rotation matrix to 15 decimals.
+def _affine_family(image: tf.Tensor, member, arg, fill, interpolation: str) -> tf.Tensor:
+  """Rotate(degrees), ShearX/Y(factor), TranslateX/YRel(fraction of the size), as timm's PIL calls."""
+  arg = _f64(arg)
+  height = tf.cast(tf.shape(image)[0], tf.float64)
+  width = tf.cast(tf.shape(image)[1], tf.float64)
+  # Image.rotate: counter-clockwise about (w/2, h/2); PIL rounds the matrix to 15 decimals.
+  angle = -arg * (math.pi / 180.0)
   cos, sin = [tf.round(v * 1e15) / 1e15 for v in (tf.cos(angle), tf.sin(angle))]
-  cx = tf.cast(tf.shape(image)[1], tf.float64) / 2
-  cy = tf.cast(tf.shape(image)[0], tf.float64) / 2
-  c = cos * -cx + sin * -cy + cx
-  f = -sin * -cx + cos * -cy + cy
-  return affine(image, (cos, sin, c, -sin, cos, f), fill, interpolation)
+  cx, cy = width / 2, height / 2
+  zero, one = tf.constant(0.0, tf.float64), tf.constant(1.0, tf.float64)
+  matrices = tf.stack([
+      tf.stack([cos, sin, cos * -cx + sin * -cy + cx, -sin, cos, -sin * -cx + cos * -cy + cy]),
+      tf.stack([one, arg, zero, zero, one, zero]),  # timm shear_x
+      tf.stack([one, zero, zero, arg, one, zero]),  # timm shear_y
+      tf.stack([one, zero, arg * width, zero, one, zero]),  # timm translate_x_rel
+      tf.stack([one, zero, zero, zero, one, arg * height])])  # timm translate_y_rel
+  return affine(image, tf.gather(matrices, member), fill, interpolation)
 
 
-def shear_x(image, factor, fill, interpolation='bicubic'):
-  """timm shear_x: affine (1, factor, 0, 0, 1, 0)."""
-  return affine(image, (1.0, factor, 0.0, 0.0, 1.0, 0.0), fill, interpolation)
+_FAMILIES = (('AutoContrast', 'Equalize', 'Invert', 'Posterize', 'Solarize', 'SolarizeAdd'),
+             ('Color', 'Contrast', 'Brightness', 'Sharpness'),
+             ('Rotate', 'ShearX', 'ShearY', 'TranslateXRel', 'TranslateYRel'))
 
 
-def shear_y(image, factor, fill, interpolation='bicubic'):
-  """timm shear_y: affine (1, 0, 0, factor, 1, 0)."""
-  return affine(image, (1.0, 0.0, 0.0, factor, 1.0, 0.0), fill, interpolation)
+def _family_of(name: str) -> tuple[int, int]:
+  """(family, member) of an op; the 'Increasing' variants differ only in their level function."""
+  base = name[:-len('Increasing')] if name.endswith('Increasing') else name
+  for family, members in enumerate(_FAMILIES):
+    if base in members:
+      return family, members.index(base)
+  raise ValueError(f'Unknown RandAugment op {name!r}.')
 
 
-def translate_x_rel(image, pct, fill, interpolation='bicubic'):
-  """timm translate_x_rel: shift by pct * width pixels."""
-  pixels = _f64(pct) * tf.cast(tf.shape(image)[1], tf.float64)
-  return affine(image, (1.0, 0.0, pixels, 0.0, 1.0, 0.0), fill, interpolation)
-
-
-def translate_y_rel(image, pct, fill, interpolation='bicubic'):
-  """timm translate_y_rel: shift by pct * height pixels."""
-  pixels = _f64(pct) * tf.cast(tf.shape(image)[0], tf.float64)
-  return affine(image, (1.0, 0.0, 0.0, 0.0, 1.0, pixels), fill, interpolation)
+def _family_fns(member, image, arg, fill, interpolation: str):
+  """The three families' op calls for one member index, as thunks."""
+  return [lambda: _lut_family(image, member, arg), lambda: _blend_family(image, member, arg),
+          lambda: _affine_family(image, member, arg, fill, interpolation)]
 
 
 # ---------------------------------------------------------------------------------------------------
 # timm's magnitude (level, float64 in 0..10) -> op argument, each with its timm function name.
 
-def op_argument(name: str, level: tf.Tensor, negate: tf.Tensor) -> tf.Tensor:
-  """The argument timm's level function gives op `name` (negate: _randomly_negate's coin came up)."""
+def op_argument(name: str, level, negate) -> tf.Tensor:
+  """The argument timm's level function gives op `name` (negate: _randomly_negate's coin came up);
+  0 for the ops that take none."""
   level = _f64(level) / _LEVEL_DENOM
   sign = tf.where(negate, tf.constant(-1.0, tf.float64), 1.0)
-  trunc = lambda v: tf.floor(v)  # Python int() of a non-negative float
+  trunc = tf.floor  # Python int() of a non-negative float
+  if name in ('AutoContrast', 'Equalize', 'Invert'):
+    return tf.zeros([], tf.float64)
   if name == 'Rotate':  # _rotate_level_to_arg: +-30 degrees
     return sign * level * 30.0
   if name in ('ShearX', 'ShearY'):  # _shear_level_to_arg: +-0.3
     return sign * level * 0.3
   if name in ('TranslateXRel', 'TranslateYRel'):  # _translate_rel_level_to_arg: +-0.45
     return sign * level * _TRANSLATE_PCT
-  if name in ('Color', 'Contrast', 'Brightness', 'Sharpness'):  # _enhance_level_to_arg: 0.1..1.9
+  if name in _FAMILIES[1]:  # _enhance_level_to_arg: 0.1..1.9
     return level * 1.8 + 0.1
-  if name.endswith('Increasing') and name[:-len('Increasing')] in ('Color', 'Contrast', 'Brightness',
-                                                                   'Sharpness'):
+  if name.endswith('Increasing') and name[:-len('Increasing')] in _FAMILIES[1]:
     return tf.maximum(1.0 + sign * level * 0.9, 0.1)  # _enhance_increasing_level_to_arg
   if name == 'Posterize':  # _posterize_level_to_arg: keep 0..4 bits
     return trunc(level * 4)
@@ -287,35 +261,26 @@ def op_argument(name: str, level: tf.Tensor, negate: tf.Tensor) -> tf.Tensor:
     return 256 - tf.minimum(trunc(level * 256), 256.0)
   if name == 'SolarizeAdd':  # _solarize_add_level_to_arg: add min(128, int(level * 110))
     return tf.minimum(trunc(level * 110), 128.0)
-  raise ValueError(f'op {name!r} takes no argument')
+  raise ValueError(f'Unknown RandAugment op {name!r}.')
 
 
-def apply_op(name: str, image: tf.Tensor, level: tf.Tensor, negate: tf.Tensor, fill,
+def apply_op(name: str, image: tf.Tensor, arg, fill=(128, 128, 128),
              interpolation: str = 'bicubic') -> tf.Tensor:
-  """One timm RandAugment op at magnitude `level`."""
-  simple = {'AutoContrast': auto_contrast, 'Equalize': equalize, 'Invert': invert}
-  if name in simple:
-    return simple[name](image)
-  arg = op_argument(name, level, negate)
-  geometric = {'Rotate': rotate, 'ShearX': shear_x, 'ShearY': shear_y,
-               'TranslateXRel': translate_x_rel, 'TranslateYRel': translate_y_rel}
-  if name in geometric:
-    return geometric[name](image, arg, fill, interpolation)
-  base = name[:-len('Increasing')] if name.endswith('Increasing') else name
-  pointwise = {'Posterize': posterize, 'Solarize': solarize, 'SolarizeAdd': solarize_add,
-               'Color': color, 'Contrast': contrast, 'Brightness': brightness,
-               'Sharpness': sharpness}
-  return pointwise[base](image, arg)
+  """The PIL op behind timm op `name` with its argument (degrees, factor, bits, threshold, ...)."""
+  family, member = _family_of(name)
+  return _family_fns(member, tf.cast(image, tf.float32), arg, fill, interpolation)[family]()
 
 
+# No Python control flow on tensors inside: skipping autograph's conversion saves seconds per trace.
+@tf.autograph.experimental.do_not_convert
 def rand_augment(key: tf.Tensor, image: tf.Tensor, params: RandAugmentParams, fill,
                  interpolation: str = 'bicubic') -> tf.Tensor:
   """timm RandAugment: num_layers ops drawn uniformly with replacement, each applied with prob,
   its magnitude ~ N(magnitude, magnitude_std) clipped to [0, magnitude_max] (timm AugmentOp)."""
-  ops = params.ops
+  families, members = zip(*[_family_of(name) for name in params.ops])
   for layer_key in tf.unstack(tf.random.experimental.stateless_split(key, params.num_layers)):
-    keys = tf.unstack(tf.random.experimental.stateless_split(layer_key, 4))
-    op_index = tf.random.stateless_uniform([], keys[0], 0, len(ops), dtype=tf.int32)
+    keys = tf.unstack(tf.random.experimental.stateless_split(layer_key, 3))
+    op = tf.random.stateless_uniform([], keys[0], 0, len(params.ops), dtype=tf.int32)
     u = tf.random.stateless_uniform([2], keys[1], dtype=tf.float64)
     if params.magnitude_std == math.inf:
       level = tf.random.stateless_uniform([], keys[2], 0, params.magnitude, dtype=tf.float64)
@@ -326,10 +291,11 @@ def rand_augment(key: tf.Tensor, image: tf.Tensor, params: RandAugmentParams, fi
       level = tf.constant(params.magnitude, tf.float64)
     level = tf.clip_by_value(level, 0.0, params.magnitude_max)
     negate = u[1] > 0.5  # timm _randomly_negate: -v if random() > 0.5
-    branches = [lambda name=name, image=image: apply_op(name, image, level, negate, fill,
-                                                        interpolation) for name in ops]
-    image = tf.cond(u[0] > params.prob,  # timm: skip the op when random() > prob
-                    lambda image=image: image, lambda: tf.switch_case(op_index, branches))
+    arg = tf.gather(tf.stack([op_argument(name, level, negate) for name in params.ops]), op)
+    image = tf.cond(  # timm: skip the op when random() > prob
+        u[0] > params.prob, lambda image=image: image,
+        lambda image=image, arg=arg, op=op: tf.switch_case(tf.gather(families, op), _family_fns(
+            tf.gather(members, op), image, arg, fill, interpolation)))
   return image
 
 
