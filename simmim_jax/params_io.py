@@ -131,7 +131,7 @@ def _tree_map(fn: Any, tree: Any) -> Any:
 def select(params: dict[str, Any], subtree: str | None) -> dict[str, Any]:
   """params['a']['b'] for subtree 'a/b'; the whole tree for None."""
   node = params
-  for part in (subtree or '').strip('/').split('/') if subtree else []:
+  for part in subtree.strip('/').split('/') if subtree else []:
     if not hasattr(node, 'items') or part not in node:
       found = sorted(node) if hasattr(node, 'items') else type(node).__name__
       raise KeyError(f'No params sub-tree {subtree!r} (at {part!r} found {found}).')

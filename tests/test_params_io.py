@@ -94,8 +94,18 @@ def test_orbax_checkpoint_params_come_back_exactly(saved_run):
 
 
 def test_checkpoint_to_npz_and_back(saved_run, tmp_path):
-  workdir, _, _, params5 = saved_run
+  workdir, _, params3, params5 = saved_run
   path = str(tmp_path / 'enc.npz')
   params_io.save_npz(path, params_io.load_params(workdir, 'encoder'), params_io.load_config(workdir))
   jax.tree.map(np.testing.assert_array_equal, params_io.load_params(path), params5['encoder'])
   assert params_io.load_config(path)['model']['name'] == 'vit'
+  from tools import export_params  # pylint: disable=import-outside-toplevel
+  bf16 = str(tmp_path / 'bf16.npz')
+  export_params.main(['--checkpoint', os.path.join(workdir, 'checkpoints'), '--step', '3', '--out', bf16,
+                      '--dtype', 'bfloat16'])
+  exported = params_io.flatten(params_io.load_params(bf16))
+  for name, value in params_io.flatten(params3).items():
+    assert exported[name].dtype == ml_dtypes.bfloat16
+    assert exported[name].tobytes() == value.astype(ml_dtypes.bfloat16).tobytes(), name
+  config = params_io.load_config(bf16)
+  assert config['model']['variant'] == 'Mu/4' and config['export']['step'] == 3 and not config['export']['encoder_only']
