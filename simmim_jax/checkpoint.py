@@ -11,9 +11,10 @@ import orbax.checkpoint as ocp
 class Checkpointer:
   """Saves and restores the train state (any sharding, any process count) plus a JSON metadata item."""
 
-  def __init__(self, workdir: str, cfg: ml_collections.ConfigDict):
-    self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
-    options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, enable_async_checkpointing=cfg.enable_async,
+  def __init__(self, workdir: str, cfg: ml_collections.ConfigDict, subdir: str = 'checkpoints',
+               keep: int | None = None):
+    self.directory = os.path.join(os.path.abspath(workdir), subdir)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep or cfg.keep, enable_async_checkpointing=cfg.enable_async,
                                            create=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=('state', 'meta'))
 
@@ -35,6 +36,10 @@ class Checkpointer:
           f'Could not restore checkpoint step {step} from {self.directory}: {e}\nIf it is corrupt or from a '
           'different model, delete that step directory (earlier steps are kept) or use a new --workdir.') from e
     return restored.state, restored.meta
+
+  def restore_meta(self, step: int) -> dict[str, Any]:
+    """Only the JSON item of `step` (no arrays read)."""
+    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
   def reached_preemption(self, step: int) -> bool:
     """True on every process once a preemption notice (SIGTERM on TPU/SLURM) has been synced at `step`."""

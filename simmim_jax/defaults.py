@@ -96,6 +96,48 @@ def resolve_steps(cfg: ml_collections.ConfigDict, name: str, steps_per_epoch: in
   return int(round(float(epochs) * steps_per_epoch))
 
 
+def finetune_config() -> ml_collections.ConfigDict:
+  """Every field of a fine-tuning or linear-probe run, set to the paper's ViT-B/16 fine-tuning recipe.
+
+  The model, data, optim, mesh and checkpoint fields are the pretraining ones; the masking fields go.
+  """
+  c = pretrain_config()
+  for name in ('mask', 'loss', 'image_every_steps'):
+    del c[name]
+  c.task = 'finetune'  # finetune | linear_probe
+  c.init_from = config_dict.placeholder(str)  # pretraining workdir, checkpoint step dir or .npz; None: random init
+  c.num_classes = config_dict.placeholder(int)  # None: from the dataset
+  c.total_epochs = 100.0
+  c.eval_every_steps = config_dict.placeholder(int)  # None: once per epoch (and at the end)
+  c.eval_batch_size = config_dict.placeholder(int)  # None: batch_size
+
+  c.data.eval_split = 'validation'  # evaluation: resize to int(256/224 * size), centre crop
+  c.data.crop_scale = (0.08, 1.0)  # timm's RandomResizedCrop
+  c.data.interpolation = 'bicubic'
+  c.data.rand_augment = 'rand-m9-mstd0.5-inc1'  # timm RandAugment string; None: off
+  c.data.random_erasing = 0.25  # probability, 'pixel' mode
+
+  c.mixup = ml_collections.ConfigDict()
+  c.mixup.mixup_alpha = 0.8
+  c.mixup.cutmix_alpha = 1.0
+  c.mixup.prob = 1.0
+  c.mixup.switch_prob = 0.5
+  c.mixup.label_smoothing = 0.1
+
+  c.probe = ml_collections.ConfigDict()
+  c.probe.block = config_dict.placeholder(int)  # ViT: features after this block (paper: 8 of ViT-B); None: last
+  c.probe.batch_norm = True  # parameter-free BatchNorm before the head
+
+  c.optim.schedule = 'cosine'
+  c.optim.base_lr = 1.25e-3  # per 512 images: 5e-3 at 2048
+  c.optim.warmup_lr = 2.5e-7
+  c.optim.min_lr = 2.5e-7
+  c.optim.warmup_epochs = 20.0
+  c.optim.layer_decay = 0.65  # ViT-B; Swin-B 0.9 (100 ep) / 0.8 (800 ep); 1.0: off
+  c.model.drop_path_rate = 0.1
+  return c
+
+
 def text_pretrain_config() -> ml_collections.ConfigDict:
   """Every field of a text pretraining run (masked tokens on packed sentencepiece rows), set to BERT-base
   sizes; the optimizer, mesh and checkpoint fields are the image ones. Learning rates are per 512 rows."""

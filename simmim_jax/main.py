@@ -29,8 +29,11 @@ def main(argv: list[str]) -> None:
   if config.task == 'pretrain':
     from simmim_jax.trainers import pretrain  # pylint: disable=import-outside-toplevel
     pretrain.train(config, _WORKDIR.value, max_steps=_MAX_STEPS.value)
+  elif config.task in ('finetune', 'linear_probe'):
+    from simmim_jax.trainers import finetune  # pylint: disable=import-outside-toplevel
+    finetune.train(config, _WORKDIR.value, max_steps=_MAX_STEPS.value)
   else:
-    raise app.UsageError(f"Unknown config.task {config.task!r}; this version knows 'pretrain'.")
+    raise app.UsageError(f"Unknown config.task {config.task!r}: use 'pretrain', 'finetune' or 'linear_probe'.")
 
 
 if __name__ == '__main__':
