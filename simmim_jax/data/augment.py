@@ -173,12 +173,12 @@ def affine(image: tf.Tensor, matrix, fill, interpolation: str = 'bicubic') -> tf
   x0, y0 = tf.floor(x_in), tf.floor(y_in)
   dx, dy = (x_in - x0)[..., None], (y_in - y0)[..., None]
   x0, y0 = tf.cast(x0, tf.int32), tf.cast(y0, tf.int32)
-  pixels = tf.cast(image, tf.float64)
+  pixels = tf.reshape(image, [height * width, -1])  # flat rows: tf.gather beats tf.gather_nd here
 
   def tap(oy, ox):  # neighbours past the border repeat the edge pixel (PIL XCLIP/YCLIP)
     yy = tf.clip_by_value(y0 + oy, 0, height - 1)
     xx = tf.clip_by_value(x0 + ox, 0, width - 1)
-    return tf.gather_nd(pixels, tf.stack([yy, xx], axis=-1))
+    return tf.cast(tf.gather(pixels, yy * width + xx), tf.float64)
 
   if interpolation == 'bicubic':
     value = _cubic(*[_cubic(*[tap(oy, ox) for ox in (-1, 0, 1, 2)], dx) for oy in (-1, 0, 1, 2)], dy)
@@ -323,8 +323,9 @@ def random_erasing(key: tf.Tensor, image: tf.Tensor, probability: float, min_are
   cols = tf.cast(tf.range(width), tf.float64)[None, :, None]
   box = (rows >= top) & (rows < top + h[first]) & (cols >= left) & (cols < left + w[first])
   erase = (u[4, 0] <= probability) & tf.reduce_any(fits)  # timm: skip when random() > probability
-  noise = tf.random.stateless_normal(tf.shape(image), keys[1], dtype=image.dtype)
-  return tf.where(erase & box, noise, image)
+  # The noise is drawn only for erased images (tf.cond), a full-image draw would cost every image.
+  return tf.cond(erase, lambda: tf.where(box, tf.random.stateless_normal(
+      tf.shape(image), keys[1], dtype=image.dtype), image), lambda: image)
 
 
 def resize(image: tf.Tensor, height, width, interpolation: str) -> tf.Tensor:
