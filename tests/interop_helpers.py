@@ -1,0 +1,108 @@
+"""Shared by the interop tests: tiny models of every family with random params, timm loading, images, masks."""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import torch
+
+from simmim_jax import models, params_io
+from simmim_jax.interop import timm, torch_io
+
+FAMILIES = {
+    'vit_plain': dict(name='vit', variant='Mu/4', style='plain'),
+    'vit_beit': dict(name='vit', variant='Mu/4', style='beit'),
+    'swin': dict(name='swin', variant='Mu', window_size=4),
+    'swinv2': dict(name='swinv2', variant='Mu', window_size=4),
+}
+TOLERANCE = 1e-4  # float32, max abs difference
+
+
+def model_config(family: str, **overrides) -> dict:
+  base = dict(style='beit', image_size=32, in_chans=3, drop_path_rate=0.0, window_size=7, dtype='float32',
+              pretrained_window_sizes=None)
+  return {**base, **FAMILIES.get(family, {}), **overrides}
+
+
+def random_like(abstract, seed: int, dtype=np.float32):
+  """Random values for every param (norm scales near 1): no init compile, every weight matters."""
+  rng = np.random.default_rng(seed)
+  flat = params_io.flatten(abstract)
+  return params_io.unflatten({k: ((1.0 if k.endswith('scale') else 0.0) + 0.2 * rng.standard_normal(v.shape)).astype(dtype)
+                              for k, v in flat.items()})
+
+
+def simmim_model(family: str, seed: int = 0, **overrides):
+  """(SimMIM module, random params {'encoder', 'decoder'}, config dict)."""
+  cfg = model_config(family, **overrides)
+  model = models.build_simmim(ml_collections.ConfigDict(cfg))
+  size, grid = cfg['image_size'], cfg['image_size'] // model.encoder.patch_size
+  abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)), jnp.zeros((1, grid, grid)))
+  return model, random_like(abstract['params'], seed), cfg
+
+
+def encoder_features(cfg: dict, encoder_params, images: np.ndarray) -> np.ndarray:
+  encoder = models.build_encoder(ml_collections.ConfigDict(cfg))
+  return np.asarray(jax.jit(lambda p, x: encoder.apply({'params': p}, x))(encoder_params, images))
+
+
+def load_timm(spec: dict, state: dict):
+  model = timm.build(spec).eval()
+  model.load_state_dict({k: torch_io.to_tensor(v) for k, v in state.items()}, strict=True)
+  return model
+
+
+def timm_features(model, images: np.ndarray, vit: bool) -> np.ndarray:
+  """forward_features as this package lays them out: (B, h, w, C), ViT's cls token dropped."""
+  with torch.no_grad():
+    out = model.forward_features(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
+  if vit:
+    b, n, c = out.shape
+    side = int(np.sqrt(n - 1))
+    out = out[:, 1:].reshape(b, side, side, c)
+  return out
+
+
+def images_and_mask(batch: int = 2, size: int = 32, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+  rng = np.random.default_rng(seed)
+  return (rng.standard_normal((batch, size, size, 3)).astype(np.float32),
+          (rng.random((batch, size // 4, size // 4)) < 0.6).astype(np.int32))
+
+
+
+def assert_bit_exact(got, want):
+  got, want = params_io.flatten(got), params_io.flatten(want)
+  assert sorted(got) == sorted(want)
+  for k, v in want.items():
+    assert got[k].dtype == v.dtype and got[k].shape == v.shape and got[k].tobytes() == v.tobytes(), k
+
+
+
+def finetune_params(family: str, num_classes: int = 5, seed: int = 5):
+  """(encoder config, random classifier params) in the fine-tuning layout {'encoder', 'fc_norm' (ViT), 'head'}."""
+  cfg = model_config(family)
+  encoder = models.build_encoder(ml_collections.ConfigDict(cfg))
+  vit = family.startswith('vit')
+  if vit:
+    encoder = encoder.clone(final_norm=False, rel_pos='per_block' if family == 'vit_beit' else 'shared')
+  abstract = {'encoder': jax.eval_shape(encoder.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))['params']}
+  width = 128 if vit else 192
+  abstract['head'] = {'kernel': jax.ShapeDtypeStruct((width, num_classes), jnp.float32),
+                      'bias': jax.ShapeDtypeStruct((num_classes,), jnp.float32)}
+  if vit:
+    abstract['fc_norm'] = {'scale': jax.ShapeDtypeStruct((width,), jnp.float32),
+                           'bias': jax.ShapeDtypeStruct((width,), jnp.float32)}
+  return encoder, random_like(abstract, seed)
+
+
+def classifier_logits(encoder, params, images) -> np.ndarray:
+  """The fine-tuning forward: mean pool the patch features, fc_norm (ViT, eps 1e-6), linear head."""
+
+  def forward(params, images):
+    x = encoder.apply({'params': params['encoder']}, images).mean(axis=(1, 2))
+    if 'fc_norm' in params:
+      x = (x - x.mean(-1, keepdims=True)) / jnp.sqrt(x.var(-1, keepdims=True) + 1e-6)
+      x = x * params['fc_norm']['scale'] + params['fc_norm']['bias']
+    return x @ params['head']['kernel'] + params['head']['bias']
+
+  return np.asarray(jax.jit(forward)(params, images))
+
