@@ -104,8 +104,9 @@ def checkpoint_step_dir(path: str, step: int | None = None) -> str:
     raise FileNotFoundError(f'{path} does not exist: give an .npz file, a workdir, its checkpoints dir or a step dir.')
   step_dir = os.path.join(path, str(_latest_step(path) if step is None else step))
   if not os.path.isdir(os.path.join(step_dir, 'state')):
-    raise FileNotFoundError(f"{step_dir} holds no checkpoint 'state' item: give a workdir, its checkpoints dir or "
-                            'a step dir written by simmim_jax training.')
+    steps = sorted(int(d) for d in os.listdir(path) if d.isdigit())
+    raise FileNotFoundError(f"{step_dir} holds no checkpoint 'state' item (steps in {path}: {steps}): give a "
+                            'workdir, its checkpoints dir or a step dir written by simmim_jax training.')
   return step_dir
 
 
