@@ -13,7 +13,8 @@ from simmim_jax import params_io
 from simmim_jax.interop import timm
 
 def official_state(family: str, finetune: bool, rng: np.random.Generator, num_classes: int = 5) -> dict:
-  """A state dict with the official SimMIM key names and shapes (reference section 8) for the tiny variants,
+  """A state dict with the official SimMIM / Swin-Transformer key names and shapes (reference section 8; SwinV2 as
+  microsoft/Swin-Transformer's swin_transformer_v2.py) for the tiny variants,
   random values, buffers included (filled with junk: an importer must ignore them)."""
   sd = {}
 
@@ -52,7 +53,7 @@ def official_state(family: str, finetune: bool, rng: np.random.Generator, num_cl
       put('norm.bias', c)
     stride = 4
   else:  # swin 'Mu' at 32 px, window 4: stages of 8, 4, 2 tokens; only stage 0 shifts
-    c, depths, heads = 48, (2, 2, 2), (3, 6, 12)
+    c, depths, heads, v2 = 48, (2, 2, 2), (3, 6, 12), family == 'swinv2'
     put('patch_embed.proj.weight', c, 3, 4, 4)
     put('patch_embed.proj.bias', c)
     put('patch_embed.norm.weight', c)
@@ -61,20 +62,26 @@ def official_state(family: str, finetune: bool, rng: np.random.Generator, num_cl
       dim, window = c * 2**s, min(4, 8 // 2**s)
       for j in range(depth):
         b = f'layers.{s}.blocks.{j}.'
-        for name, shape in [('norm1.weight', (dim,)), ('norm1.bias', (dim,)), ('norm2.weight', (dim,)),
-                            ('norm2.bias', (dim,)), ('attn.relative_position_bias_table', ((2 * window - 1)**2, h)),
-                            ('attn.qkv.weight', (3 * dim, dim)), ('attn.qkv.bias', (3 * dim,)),
-                            ('attn.proj.weight', (dim, dim)), ('attn.proj.bias', (dim,)),
-                            ('mlp.fc1.weight', (4 * dim, dim)), ('mlp.fc1.bias', (4 * dim,)),
-                            ('mlp.fc2.weight', (dim, 4 * dim)), ('mlp.fc2.bias', (dim,))]:
+        if v2:  # cosine attention: q/v biases, logit scale, continuous position bias MLP (2 -> 512 -> heads)
+          attn = [('attn.qkv.weight', (3 * dim, dim)), ('attn.q_bias', (dim,)), ('attn.v_bias', (dim,)),
+                  ('attn.logit_scale', (h, 1, 1)), ('attn.cpb_mlp.0.weight', (512, 2)), ('attn.cpb_mlp.0.bias', (512,)),
+                  ('attn.cpb_mlp.2.weight', (h, 512))]
+          sd[b + 'attn.relative_coords_table'] = rng.standard_normal((1, 2 * window - 1, 2 * window - 1, 2))
+        else:
+          attn = [('attn.relative_position_bias_table', ((2 * window - 1)**2, h)), ('attn.qkv.weight', (3 * dim, dim)),
+                  ('attn.qkv.bias', (3 * dim,))]
+        for name, shape in attn + [('norm1.weight', (dim,)), ('norm1.bias', (dim,)), ('norm2.weight', (dim,)),
+                                   ('norm2.bias', (dim,)), ('attn.proj.weight', (dim, dim)), ('attn.proj.bias', (dim,)),
+                                   ('mlp.fc1.weight', (4 * dim, dim)), ('mlp.fc1.bias', (4 * dim,)),
+                                   ('mlp.fc2.weight', (dim, 4 * dim)), ('mlp.fc2.bias', (dim,))]:
           put(b + name, *shape)
         buffer(b + 'attn.relative_position_index', window**2, window**2)
         if s == 0 and j % 2:
           sd[b + 'attn_mask'] = -100.0 * rng.integers(0, 2, (4, 16, 16)).astype(np.float32)
       if s < len(depths) - 1:
         put(f'layers.{s}.downsample.reduction.weight', 2 * dim, 4 * dim)
-        put(f'layers.{s}.downsample.norm.weight', 4 * dim)
-        put(f'layers.{s}.downsample.norm.bias', 4 * dim)
+        put(f'layers.{s}.downsample.norm.weight', (2 if v2 else 4) * dim)  # V2 normalises after the reduction
+        put(f'layers.{s}.downsample.norm.bias', (2 if v2 else 4) * dim)
     put('norm.weight', 4 * c)
     put('norm.bias', 4 * c)
     if not finetune:
@@ -92,7 +99,8 @@ def official_state(family: str, finetune: bool, rng: np.random.Generator, num_cl
 
 def timm_reads_official(family: str, sd: dict, spec: dict):
   """The timm model loaded by timm's own converter for official checkpoints: an independent reading."""
-  reader = timm_models.beit if family == 'vit_beit' else timm_models.swin_transformer
+  reader = {'vit_beit': timm_models.beit, 'swin': timm_models.swin_transformer,
+            'swinv2': timm_models.swin_transformer_v2}[family]
   sd = {k.removeprefix('encoder.'): torch.from_numpy(v) for k, v in sd.items()
         if not k.startswith('decoder.') and k != 'encoder.mask_token'}
   model = timm.build(spec).eval()
@@ -100,7 +108,7 @@ def timm_reads_official(family: str, sd: dict, spec: dict):
   return model
 
 
-@pytest.mark.parametrize('family', ['vit_beit', 'swin'])
+@pytest.mark.parametrize('family', ['vit_beit', 'swin', 'swinv2'])
 @pytest.mark.parametrize('finetune', [False, True])
 def test_official_checkpoint_imports_to_the_same_model(family, finetune, tmp_path):
   sd = official_state(family, finetune, np.random.default_rng(7))
