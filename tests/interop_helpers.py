@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from simmim_jax import models, params_io
+from simmim_jax.models import classifier
 from simmim_jax.interop import timm, torch_io
 
 FAMILIES = {
@@ -78,31 +79,14 @@ def assert_bit_exact(got, want):
 
 
 def finetune_params(family: str, num_classes: int = 5, seed: int = 5):
-  """(encoder config, random classifier params) in the fine-tuning layout {'encoder', 'fc_norm' (ViT), 'head'}."""
-  cfg = model_config(family)
-  encoder = models.build_encoder(ml_collections.ConfigDict(cfg))
-  vit = family.startswith('vit')
-  if vit:
-    encoder = encoder.clone(final_norm=False, rel_pos='per_block' if family == 'vit_beit' else 'shared')
-  abstract = {'encoder': jax.eval_shape(encoder.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))['params']}
-  width = 128 if vit else 192
-  abstract['head'] = {'kernel': jax.ShapeDtypeStruct((width, num_classes), jnp.float32),
-                      'bias': jax.ShapeDtypeStruct((num_classes,), jnp.float32)}
-  if vit:
-    abstract['fc_norm'] = {'scale': jax.ShapeDtypeStruct((width,), jnp.float32),
-                           'bias': jax.ShapeDtypeStruct((width,), jnp.float32)}
-  return encoder, random_like(abstract, seed)
+  """(the fine-tuning Classifier, random params in its layout {'encoder', 'fc_norm' (ViT), 'head'})."""
+  config = ml_collections.ConfigDict({'task': 'finetune', 'model': model_config(family)})
+  model = classifier.build_classifier(config, num_classes)
+  abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))['params']
+  return model, random_like(abstract, seed)
 
 
-def classifier_logits(encoder, params, images) -> np.ndarray:
-  """The fine-tuning forward: mean pool the patch features, fc_norm (ViT, eps 1e-6), linear head."""
-
-  def forward(params, images):
-    x = encoder.apply({'params': params['encoder']}, images).mean(axis=(1, 2))
-    if 'fc_norm' in params:
-      x = (x - x.mean(-1, keepdims=True)) / jnp.sqrt(x.var(-1, keepdims=True) + 1e-6)
-      x = x * params['fc_norm']['scale'] + params['fc_norm']['bias']
-    return x @ params['head']['kernel'] + params['head']['bias']
-
-  return np.asarray(jax.jit(forward)(params, images))
+def classifier_logits(model, params, images) -> np.ndarray:
+  """The fine-tuning forward (mean pooling, fc_norm for ViT, head) of this package's Classifier."""
+  return np.asarray(jax.jit(lambda p, x: model.apply({'params': p}, x))(params, images))
 

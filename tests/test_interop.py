@@ -105,9 +105,9 @@ def test_round_trip_through_files_is_bit_exact(family, dtype, tmp_path):
 
 @pytest.mark.parametrize('family', list(FAMILIES))
 def test_finetuned_classifier_matches_timm(family):
-  encoder, params = finetune_params(family)
+  model, params = finetune_params(family)
   images, _ = images_and_mask(seed=6)
-  ours = classifier_logits(encoder, params, images)
+  ours = classifier_logits(model, params, images)
   state, extras = timm.to_timm(params)
   spec = timm.timm_spec(model_config(family), params)
   assert not extras and spec['kwargs']['num_classes'] == 5 and spec['kwargs']['global_pool'] == 'avg'
