@@ -157,3 +157,20 @@ def test_timm_state_dict_imports_to_the_same_model(family, tmp_path):
                 - encoder_features(cfg, params['encoder'], images)).max()
   print(f'timm {family} state dict import: max abs diff {diff:.2e}')
   assert diff <= TOLERANCE
+
+
+def test_fine_tuning_starts_from_an_official_pretrained_checkpoint(tmp_path):
+  """Released SimMIM ViT weights -> load_params -> pretrained.adapt_encoder -> the fine-tuning Classifier."""
+  from simmim_jax import pretrained  # pylint: disable=import-outside-toplevel
+  sd = official_state('vit_beit', False, np.random.default_rng(13))
+  path = str(tmp_path / 'simmim_pretrain.pth')
+  torch.save({'model': {k: torch.from_numpy(v) for k, v in sd.items()}}, path)
+  model, fresh = finetune_params('vit_beit', num_classes=10)
+  encoder, report = pretrained.adapt_encoder(params_io.load_params(path), fresh['encoder'])
+  shared = sd['encoder.rel_pos_bias.relative_position_bias_table']
+  assert len(report['copied']) == 6 and 'rel_pos_bias/relative_position_bias_table' in report['dropped']
+  for i in range(6):  # the shared table copied into every block, as the official fine-tuning loader does
+    np.testing.assert_array_equal(encoder[f'blocks_{i}']['attn']['relative_position_bias_table'], shared)
+  np.testing.assert_array_equal(encoder['blocks_5']['mlp']['fc2']['kernel'], sd['encoder.blocks.5.mlp.fc2.weight'].T)
+  logits = classifier_logits(model, {**fresh, 'encoder': encoder}, images_and_mask(seed=14)[0])
+  assert logits.shape == (2, 10) and np.isfinite(logits).all()
