@@ -52,14 +52,14 @@ def assert_same_params(npz: str, expected: dict) -> None:
 
 @pytest.fixture(scope='module')
 def pretrained(tmp_path_factory):
-  """The pretraining notebook on the embedded digits: 40 steps of 32 images in two chunks."""
+  """The pretraining notebook on the embedded digits: 20 steps of 16 images in two chunks."""
   out = tmp_path_factory.mktemp('notebooks')
   workdir = out / 'workdir'
   params = dict(INSTALL=False, REPO_DIR=ROOT, WORKDIR=str(workdir), MOUNT_DRIVE=False, BACKUP='',
                 DATASET='sklearn_digits', DATA_DIR=str(tmp_path_factory.mktemp('tfds')), PROFILE='cpu',
-                TOTAL_STEPS=40, CHUNK_STEPS=20, NUM_FIGURE_IMAGES=4,
-                OVERRIDES={'batch_size': 32, 'log_every_steps': 10, 'checkpoint.every_steps': 20,
-                           'image_every_steps': 20, 'optim.warmup_steps': 10})
+                TOTAL_STEPS=20, CHUNK_STEPS=10, NUM_FIGURE_IMAGES=4,
+                OVERRIDES={'batch_size': 16, 'log_every_steps': 5, 'checkpoint.every_steps': 10,
+                           'image_every_steps': 10, 'optim.warmup_steps': 5})
   nb, seconds = run_notebook('pretrain_colab_tpu.ipynb', params, out)
   print(f'pretrain_colab_tpu.ipynb ran in {seconds:.0f} s')
   return nb, workdir, params, out
@@ -67,19 +67,19 @@ def pretrained(tmp_path_factory):
 
 def test_pretrain_notebook_trains_draws_and_exports(pretrained):
   nb, workdir, params, _ = pretrained
-  assert sorted(os.listdir(workdir / 'checkpoints'))[-1] == '40'
+  assert sorted(os.listdir(workdir / 'checkpoints'), key=int)[-1] == '20'
   rows = [json.loads(line) for line in open(workdir / 'metrics.jsonl')]
-  assert max(r['step'] for r in rows) == 40
+  assert max(r['step'] for r in rows) == 20
   figures = workdir / 'figures'
   assert_picture(str(figures / 'progress.png'))
-  for step in (20, 40):  # one reconstruction grid per chunk, 4 rows of 32 px upscaled, with a caption
+  for step in (10, 20):  # one reconstruction grid per chunk, 4 rows of 32 px upscaled, with a caption
     pixels = assert_picture(str(figures / f'reconstructions_step_{step:07d}.png'))
     assert pixels.shape[1] == (5 * 34 - 2) * 4
   # The notebook showed its figure inline (the live plot), not only on disk.
   assert any(o.get('output_type') == 'display_data' and 'image/png' in o.get('data', {})
              for c in nb.cells if c.cell_type == 'code' for o in c.get('outputs', []))
   assert_same_params(str(workdir / 'export' / 'encoder.npz'), params_io.load_params(str(workdir), 'encoder'))
-  assert params_io.load_config(str(workdir / 'export' / 'encoder.npz'))['total_steps'] == 40
+  assert params_io.load_config(str(workdir / 'export' / 'encoder.npz'))['total_steps'] == 20
 
 
 def test_explore_notebook_on_the_exported_checkpoint(pretrained, tmp_path):
