@@ -57,7 +57,7 @@ def pretrained(tmp_path_factory):
   workdir = out / 'workdir'
   params = dict(INSTALL=False, REPO_DIR=ROOT, WORKDIR=str(workdir), MOUNT_DRIVE=False, BACKUP='',
                 DATASET='sklearn_digits', DATA_DIR=str(tmp_path_factory.mktemp('tfds')), PROFILE='cpu',
-                TOTAL_STEPS=20, CHUNK_STEPS=10, NUM_FIGURE_IMAGES=4,
+                TOTAL_STEPS=20, CHUNK_STEPS=10, NUM_FIGURE_IMAGES=4, COMPILATION_CACHE=str(out / 'jax_cache'),
                 OVERRIDES={'batch_size': 16, 'log_every_steps': 5, 'checkpoint.every_steps': 10,
                            'image_every_steps': 10, 'optim.warmup_steps': 5})
   nb, seconds = run_notebook('pretrain_colab_tpu.ipynb', params, out)
