@@ -1,4 +1,7 @@
 """Shared by the interop tests: tiny models of every family with random params, timm loading, images, masks."""
+import functools
+import json
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -6,8 +9,8 @@ import numpy as np
 import torch
 
 from simmim_jax import models, params_io
-from simmim_jax.models import classifier
 from simmim_jax.interop import timm, torch_io
+from simmim_jax.models import classifier
 
 FAMILIES = {
     'vit_plain': dict(name='vit', variant='Mu/4', style='plain'),
@@ -41,9 +44,15 @@ def simmim_model(family: str, seed: int = 0, **overrides):
   return model, random_like(abstract['params'], seed), cfg
 
 
+@functools.cache
+def _encoder_forward(cfg_json: str):
+  """One jitted encoder per config for the whole session: the tests share compilations (Swin's take seconds)."""
+  encoder = models.build_encoder(ml_collections.ConfigDict(json.loads(cfg_json)))
+  return jax.jit(lambda p, x: encoder.apply({'params': p}, x))
+
+
 def encoder_features(cfg: dict, encoder_params, images: np.ndarray) -> np.ndarray:
-  encoder = models.build_encoder(ml_collections.ConfigDict(cfg))
-  return np.asarray(jax.jit(lambda p, x: encoder.apply({'params': p}, x))(encoder_params, images))
+  return np.asarray(_encoder_forward(json.dumps(cfg, sort_keys=True))(encoder_params, images))
 
 
 def load_timm(spec: dict, state: dict):
@@ -78,15 +87,21 @@ def assert_bit_exact(got, want):
 
 
 
-def finetune_params(family: str, num_classes: int = 5, seed: int = 5):
-  """(the fine-tuning Classifier, random params in its layout {'encoder', 'fc_norm' (ViT), 'head'})."""
+@functools.cache
+def _classifier(family: str, num_classes: int):
   config = ml_collections.ConfigDict({'task': 'finetune', 'model': model_config(family)})
   model = classifier.build_classifier(config, num_classes)
   abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))['params']
-  return model, random_like(abstract, seed)
+  return jax.jit(lambda p, x: model.apply({'params': p}, x)), abstract
 
 
-def classifier_logits(model, params, images) -> np.ndarray:
+def finetune_params(family: str, num_classes: int = 5, seed: int = 5):
+  """(the fine-tuning Classifier's jitted forward, random params in its layout {'encoder', 'fc_norm' (ViT), 'head'})."""
+  forward, abstract = _classifier(family, num_classes)
+  return forward, random_like(abstract, seed)
+
+
+def classifier_logits(forward, params, images) -> np.ndarray:
   """The fine-tuning forward (mean pooling, fc_norm for ViT, head) of this package's Classifier."""
-  return np.asarray(jax.jit(lambda p, x: model.apply({'params': p}, x))(params, images))
+  return np.asarray(forward(params, images))
 
