@@ -120,6 +120,22 @@ def test_text_files_source_gives_each_process_its_own_documents(tmp_path):
     text.read_documents(data, 'validation', 0, 1)
 
 
+def test_token_cache_is_reused_memory_mapped(tmp_path):
+  (tmp_path / 'train').mkdir()
+  (tmp_path / 'train' / 'a.txt').write_text('\n'.join(' '.join(t.split()) for t in TEXTS[:50]) + '\n')
+  data = ml_collections.ConfigDict({'name': 'text_files', 'data_dir': str(tmp_path), 'text_key': 'text',
+                                    'cache_dir': str(tmp_path / 'cache')})
+  sp = tokenizer.load(tokenizer.train(TEXTS, vocab_size=400))
+  fresh = text.load_corpus(data, 'train', sp, 0, 1)
+  assert fresh.tokens.dtype == np.uint16 and fresh.num_documents == 50
+  assert fresh.tokens[fresh.offsets[1] - 1] == tokenizer.EOS_ID
+  (tmp_path / 'train' / 'a.txt').write_text('changed\n')  # the cache, not the file, is read now
+  cached = text.load_corpus(data, 'train', sp, 0, 1)
+  assert isinstance(cached.tokens, np.memmap)
+  np.testing.assert_array_equal(cached.tokens, fresh.tokens)
+  np.testing.assert_array_equal(cached.offsets, fresh.offsets)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Masks, corruption, loss
 # ------------------------------------------------------------------------------------------------------------
