@@ -12,6 +12,10 @@ from interop_helpers import (FAMILIES, TOLERANCE, classifier_logits, encoder_fea
 from simmim_jax import params_io
 from simmim_jax.interop import timm
 
+class CfgNode(dict):
+  """Stands for yacs' CfgNode, which microsoft/SimMIM's save_checkpoint pickles into every .pth."""
+
+
 def official_state(family: str, finetune: bool, rng: np.random.Generator, num_classes: int = 5) -> dict:
   """A state dict with the official SimMIM / Swin-Transformer key names and shapes (reference section 8; SwinV2 as
   microsoft/Swin-Transformer's swin_transformer_v2.py) for the tiny variants,
@@ -113,7 +117,8 @@ def timm_reads_official(family: str, sd: dict, spec: dict):
 def test_official_checkpoint_imports_to_the_same_model(family, finetune, tmp_path):
   sd = official_state(family, finetune, np.random.default_rng(7))
   path = str(tmp_path / 'simmim.pth')
-  torch.save({'model': {k: torch.from_numpy(v) for k, v in sd.items()}, 'epoch': 99}, path)
+  config = CfgNode(MODEL=CfgNode(TYPE=family), AMP_OPT_LEVEL='O1')  # pickled beside the weights, as officially
+  torch.save({'model': {k: torch.from_numpy(v) for k, v in sd.items()}, 'epoch': 99, 'config': config}, path)
   params = params_io.load_params(path)
   images, _ = images_and_mask(seed=8)
   cfg = model_config(family)

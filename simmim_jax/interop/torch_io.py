@@ -3,7 +3,9 @@
 bfloat16 tensors cross as their bits, so nothing is rounded on the way. A timm-layout export keeps the
 SimMIM parts timm has no place for (mask token, decoder) in a sidecar `<name>.simmim.safetensors`.
 """
+import collections
 import os
+import pickle
 from typing import Any
 
 import ml_dtypes
@@ -45,17 +47,35 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
   """A `.safetensors` file or a `.pth`/`.pt`/`.bin` checkpoint (state dict under 'model'/'state_dict' or bare)."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f'{path} does not exist: give a .pth/.safetensors checkpoint file.')
-  torch = _torch()
+  _torch()  # one clear message when torch is missing
   if path.endswith('.safetensors'):
     from safetensors.torch import load_file  # pylint: disable=import-outside-toplevel
     state = load_file(path)
   else:
-    state = torch.load(path, map_location='cpu', weights_only=True)  # tensors only: never runs pickled code
+    state = _load_pth(path)
     for key in ('model', 'state_dict', 'module'):
       if isinstance(state, dict) and isinstance(state.get(key), dict):
         state = state[key]
   state = {k.removeprefix('module.'): v for k, v in state.items() if hasattr(v, 'dtype')}
   return {k: to_numpy(v) for k, v in state.items()}
+
+
+def _load_pth(path: str) -> Any:
+  """torch.load restricted to weights (no code from the file ever runs), also for official training checkpoints."""
+  torch = _torch()
+  try:
+    return torch.load(path, map_location='cpu', weights_only=True)
+  except pickle.UnpicklingError:
+    pass
+  # microsoft/SimMIM's save_checkpoint also pickles its yacs config (a dict subclass) beside the weights: read
+  # such objects back as plain OrderedDicts, still with the weights-only unpickler.
+  names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+  try:
+    with torch.serialization.safe_globals([(collections.OrderedDict, name) for name in names]):
+      return torch.load(path, map_location='cpu', weights_only=True)
+  except pickle.UnpicklingError as e:
+    raise ValueError(f'{path} holds Python objects besides tensors ({", ".join(names)}) that cannot be read safely: '
+                     "save its state dict alone (torch.save(checkpoint['model'], 'weights.pth')) and pass that.") from e
 
 
 def write_safetensors(path: str, state_dict: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
