@@ -5,7 +5,9 @@ NumPy has no bfloat16 (or other ml_dtypes) type of its own, so such arrays are s
 (uint16/uint8) and the reserved entry `__dtypes__` (a JSON string) records their real dtype; load_params
 views the bits back, so the round trip is bit-exact. The config is written beside it as JSON
 (`model.npz` -> `model.json`). Orbax checkpoints are those of checkpoint.Checkpointer: `workdir/checkpoints/<step>/`
-with a `state` item ({'step', 'params', 'opt_state'}) and a `meta` JSON item holding the config.
+with a `state` item ({'step', 'params', 'opt_state'}) and a `meta` JSON item holding the config. PyTorch files
+(`.pth`, `.safetensors`: official SimMIM, timm, or written by tools/convert_to_torch.py) load through
+simmim_jax.interop, which imports torch only then.
 """
 import json
 import os
@@ -157,7 +159,10 @@ def load_params(path: str, subtree: str | None = None, step: int | None = None) 
 
 
 def load_config(path: str, step: int | None = None) -> dict[str, Any] | None:
-  """The config beside an `.npz` (None when absent), or the one stored in an Orbax checkpoint."""
+  """The config beside an `.npz` (None when absent), or the one stored in an Orbax checkpoint; None for
+  PyTorch files (they carry no config of this package)."""
+  if path.endswith(TORCH_SUFFIXES):
+    return None
   if path.endswith(NPZ_SUFFIX):
     json_path = config_path(path)
     if not os.path.isfile(json_path):
