@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> None:
     config = params_io.load_config(args.params)
   if not config or 'model' not in config:
     parser.error(f'No config with a model section beside {args.params}: pass --config (a config.json of the run).')
+  if config.get('task') == 'linear_probe':
+    parser.error('A linear-probe checkpoint is a probe (parameter-free BatchNorm, possibly a truncated ViT) on a frozen '
+                 'encoder, which no timm model holds: convert the pretrained checkpoint it was trained from.')
   model = config['model']
 
   if model['name'] == 'text':
