@@ -23,6 +23,7 @@ from interop_helpers import (FAMILIES, TOLERANCE, assert_bit_exact, classifier_l
 from simmim_jax import losses, masking, models, params_io
 from simmim_jax.interop import layout, official, timm
 
+
 @pytest.mark.parametrize('family', list(FAMILIES))
 def test_timm_gives_the_same_features(family):
   _, params, cfg = simmim_model(family)
