@@ -136,6 +136,10 @@ def test_tool_on_a_trained_checkpoint_beats_random_init(trained, tmp_path):
   files = tool.main([f'--checkpoint={npz}', '--images', str(folder), '--num_images=8', f'--out={tmp_path / "files"}'])
   assert len(files['l1']) == 3
 
+  with pytest.raises(FileNotFoundError, match='does not exist'):
+    tool.main([f'--checkpoint={tmp_path / "nowhere"}', f'--out={tmp_path / "x"}'])
+  with pytest.raises(ValueError, match="Split 'nope' not available"):
+    tool.main([f'--checkpoint={npz}', f'--data_dir={data_dir}', '--split=nope', f'--out={tmp_path / "x"}'])
   encoder_only = str(tmp_path / 'encoder.npz')
   params_io.save_npz(encoder_only, params_io.load_params(str(workdir), 'encoder'), params_io.load_config(str(workdir)))
   with pytest.raises(ValueError, match='encoder and decoder'):

@@ -78,8 +78,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
   config = load_config(args)
   if config.get('task', 'pretrain') != 'pretrain':
     parser.error(f"the checkpoint's config.task is {config.task!r}: reconstructions need a pretraining checkpoint")
-  params = (visualize.init_params(config, args.seed) if args.random_init else params_io.load_params(args.checkpoint))
-  images = load_images(args, config)
+  images = load_images(args, config)  # before the weights: a wrong split or path fails in seconds
+  params = visualize.init_params(config, args.seed) if args.random_init else params_io.load_params(args.checkpoint)
   fig = visualize.figure(params, config, images, args.seed, mask_ratio=args.mask_ratio,
                          mask_patch_size=args.mask_patch_size, vmax=args.vmax)
   png = visualize.save_png(fig.grid, os.path.join(args.out, f'reconstructions_seed{args.seed}.png'), min_size=512,
@@ -94,4 +94,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == '__main__':
-  main()
+  try:
+    main()
+  except (FileNotFoundError, KeyError, ValueError) as e:  # a user's path, split or config: one line, no traceback
+    sys.exit(f'error: {e}')
