@@ -1,5 +1,6 @@
 """Text pieces: tokenizer ids and reproducibility, the pydoc corpus, packing, span masks, BERT corruption,
 the masked cross-entropy against NumPy, and attention that never crosses packed segments."""
+import io
 import os
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+import sentencepiece as spm
 
 from simmim_jax import losses, masking
 from simmim_jax.data import text, tokenizer
@@ -43,8 +45,6 @@ def test_tokenizer_tool_is_reproducible_with_the_specified_ids(tmp_path):
 
 
 def test_tokenizer_with_wrong_ids_is_refused():
-  import sentencepiece as spm  # pylint: disable=import-outside-toplevel
-  import io  # pylint: disable=import-outside-toplevel
   writer = io.BytesIO()
   spm.SentencePieceTrainer.train(sentence_iterator=iter(TEXTS), model_writer=writer, vocab_size=300, minloglevel=2)
   with pytest.raises(ValueError, match='expected \\(0, 1, 2, -1, 3\\)'):

@@ -18,7 +18,6 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # pylint: disable=g-import-not-at-top
-import jax.numpy as jnp
 
 from simmim_jax import config_io, feed, flops, pretrain_step, sharding, tasks
 
