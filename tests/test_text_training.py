@@ -11,7 +11,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from simmim_jax import config_io, feed, pretrain_step, sharding
+from simmim_jax import config_io, feed, pretrain_step, sharding, tasks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, 'configs', 'text_tiny.py')
@@ -126,3 +126,20 @@ def test_tiny_text_config_beats_the_unigram_baseline(tmp_path, data_dir):
   last = logged(tmp_path / 'run')[1000]
   assert last['eval_accuracy'] > 3 * last['eval_unigram_accuracy'], last  # measured 0.116 vs 0.024
   assert not os.path.exists(tmp_path / 'run' / 'reconstructions')  # text draws no image figures
+
+
+def test_base_recipe_lowers_with_the_roberta_settings():
+  config = config_io.load_config(os.path.join(ROOT, 'configs', 'text_base.py'))
+  assert (config.model.variant, config.model.vocab_size, config.data.seq_len, config.batch_size) == ('base', 32000, 512, 8192)
+  assert (config.optim.b2, config.optim.eps, config.optim.weight_decay, config.mask.strategy) == (0.98, 1e-6, 0.01, 'bert')
+  config.batch_size = 2  # per device on a pod; lowering only, nothing runs
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+  model, tx, schedule, _, abstract, shardings = pretrain_step.setup(config, mesh, 500_000, 1000)
+  np.testing.assert_allclose(float(schedule(24_000)) * 8192 / 2, 6e-4, rtol=1e-6)  # peak 6e-4 at batch 8192
+  n = sum(x.size for x in jax.tree.leaves(abstract.params['encoder']))
+  assert 109e6 < n < 111e6  # BERT-base with a 32k vocabulary and 512 positions
+  step = pretrain_step.make_train_step(model, tx, schedule, config, mesh, shardings)
+  batch = {k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding.batch_sharding(mesh))
+           for k, s in tasks.for_config(config).batch_spec(config, 2).items()}
+  _, metrics = step.lower(abstract, batch).out_info
+  assert metrics['loss'].shape == () and metrics['accuracy'].shape == ()
