@@ -3,6 +3,7 @@ interrupt-and-resume equal to an uninterrupted run, and the tiny config beating 
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -143,3 +144,24 @@ def test_base_recipe_lowers_with_the_roberta_settings():
            for k, s in tasks.for_config(config).batch_spec(config, 2).items()}
   _, metrics = step.lower(abstract, batch).out_info
   assert metrics['loss'].shape == () and metrics['accuracy'].shape == ()
+
+
+@pytest.mark.slow
+def test_two_processes_run_the_text_job_on_their_own_slices(tmp_path, data_dir):
+  # Each process tokenises its half of the documents; step counts, eval batch counts and the unigram id
+  # come from process 0, so both run the same programs and finish together.
+  port = socket.socket()
+  port.bind(('127.0.0.1', 0))
+  address = f'127.0.0.1:{port.getsockname()[1]}'
+  port.close()
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
+  procs = [subprocess.Popen([sys.executable, '-m', 'simmim_jax.main', f'--config={TINY}', f'--workdir={tmp_path}',
+                             f'--config.data.data_dir={data_dir}', '--config.total_steps=3', '--config.batch_size=8',
+                             '--config.eval_batches=2', f'--coordinator_address={address}', '--num_processes=2',
+                             f'--process_id={i}'], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  outputs = [p.communicate(timeout=600)[0] for p in procs]
+  assert all(p.returncode == 0 for p in procs), outputs[0][-3000:] + outputs[1][-3000:]
+  assert "mesh {'data': 4, 'fsdp': 1}" in outputs[0] and 'held-out at step 3' in outputs[0]
+  last = logged(tmp_path)[3]
+  assert np.isfinite(last['eval_loss']) and 0 < last['eval_unigram_accuracy'] < 0.1
