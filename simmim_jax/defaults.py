@@ -114,7 +114,7 @@ def finetune_config() -> ml_collections.ConfigDict:
   c.data.eval_split = 'validation'  # evaluation: resize to int(256/224 * size), centre crop
   c.data.crop_scale = (0.08, 1.0)  # timm's RandomResizedCrop
   c.data.interpolation = 'bicubic'
-  c.data.rand_augment = 'rand-m9-mstd0.5-inc1'  # timm RandAugment string; None: off
+  c.data.rand_augment = 'rand-m9-mstd0.5-inc1'  # timm RandAugment string; '' turns it off
   c.data.random_erasing = 0.25  # probability, 'pixel' mode
 
   c.mixup = ml_collections.ConfigDict()

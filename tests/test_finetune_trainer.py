@@ -41,18 +41,23 @@ def common(data_dir, pretrained_dir, steps):
           '--config.eval_every_steps=4', '--config.checkpoint.every_steps=4', '--config.log_every_steps=1']
 
 
+# The full ImageNet recipe's augmentation (the CPU config turns it down for the tiny digits).
+FULL_AUGMENTATION = ['--config.data.rand_augment=rand-m9-mstd0.5-inc1', '--config.mixup.mixup_alpha=0.8',
+                     '--config.mixup.cutmix_alpha=1.0', '--config.data.flip=True']
+
+
 def test_finetune_evaluates_keeps_the_best_and_resumes_exactly(pretrained, tmp_path):
   data_dir, pretrained_dir = pretrained
   straight, resumed = tmp_path / 'straight', tmp_path / 'resumed'
-  out = main_job('configs/finetune_cpu.py', straight, *common(data_dir, pretrained_dir, 8))
+  out = main_job('configs/finetune_cpu.py', straight, *common(data_dir, pretrained_dir, 8), *FULL_AUGMENTATION)
   assert 'per-block tables copied from the shared one: 6' in out and 'decoder/conv/kernel' in out
   results = evals(straight)
   assert sorted(results) == [4, 8] and all(r['eval_count'] == 360 for r in results.values())
   best_step = max(results, key=lambda s: (results[s]['eval_top1'], -s))
   assert os.listdir(straight / 'best') == [str(best_step)]
 
-  main_job('configs/finetune_cpu.py', resumed, *common(data_dir, pretrained_dir, 4))
-  out = main_job('configs/finetune_cpu.py', resumed, *common(data_dir, pretrained_dir, 8))
+  main_job('configs/finetune_cpu.py', resumed, *common(data_dir, pretrained_dir, 4), *FULL_AUGMENTATION)
+  out = main_job('configs/finetune_cpu.py', resumed, *common(data_dir, pretrained_dir, 8), *FULL_AUGMENTATION)
   assert 'Resumed from step 4' in out
   a, b = params_io.load_params(str(straight)), params_io.load_params(str(resumed))
   for key, value in params_io.flatten(a).items():
