@@ -6,8 +6,8 @@ Command:  python -m simmim_jax.main --config=configs/base.py --workdir=/tmp/simm
           --config.init_from=DIR takes another pretraining workdir, checkpoint step or .npz.
 Runtime:  220 steps of 64 images (10 epochs of the 1,437 training digits) plus 10 evaluations of the 360
           test digits: about 3-5 minutes on 2 CPU cores.
-Expected: held-out top-1 higher from the base.py encoder than from scratch with the same budget (measured
-          figures, 3 seeds each: README "Fine-tuning").
+Expected: held-out top-1 0.58 from the 600-step base.py encoder against 0.48 from scratch with the same
+          budget (means of 3 seeds; README "Fine-tuning and linear probing").
 
 Recipe: the official fine-tuning model and optimizer (reference section 5) at CPU scale: mean pooling + fc_norm
 + head (init x0.001), layer-wise LR decay, AdamW, cosine with warmup, random erasing 0.25, label smoothing 0.1.

@@ -5,7 +5,8 @@ Command:  python -m simmim_jax.main --config=configs/linear_probe_cpu.py --workd
           (after configs/base.py has pretrained into /tmp/simmim_base); configs/linear_probe_cpu.py:scratch
           probes a random-init encoder (the baseline).
 Runtime:  220 steps of 64 images, no backward pass through the encoder: about 2-3 minutes on 2 CPU cores.
-Expected: held-out top-1 well above the random-init encoder's (figures: issue 4's closing note and README).
+Expected: held-out top-1 0.23 for the base.py encoder against 0.17 for a random-init one (means of 3 seeds;
+          README "Fine-tuning and linear probing").
 
 Recipe: the paper's probe (ViT-B block 8 of 12, average pooling) and MAE's BatchNorm without affine, trained
 with AdamW, no weight decay, a mild crop only (no flip, RandAugment, erasing, Mixup or label smoothing).
