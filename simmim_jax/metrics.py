@@ -22,8 +22,11 @@ class Writer:
   Only process 0 writes; the others keep the timing so every process can call it alike.
   """
 
-  def __init__(self, workdir: str, total_steps: int, batch_size: int):
+  def __init__(self, workdir: str, total_steps: int, batch_size: int, unit: str = 'images',
+               tokens_per_example: int = 0):
+    """unit names what batch_size counts ('images', or 'rows' of text with tokens_per_example tokens each)."""
     self.total_steps, self.batch_size = total_steps, batch_size
+    self.unit, self.tokens_per_example = unit, tokens_per_example
     self.active = jax.process_index() == 0
     if self.active:
       self.tb = metric_writers.SummaryWriter(os.path.join(workdir, 'tensorboard'))
@@ -36,8 +39,10 @@ class Writer:
     now = time.perf_counter()
     if self.last_time is not None and step > self.last_step:
       step_time = (now - self.last_time) / (step - self.last_step)
-      values.update(step_time=step_time, images_per_sec=self.batch_size / step_time,
-                    eta_sec=step_time * (self.total_steps - step))
+      values.update({'step_time': step_time, f'{self.unit}_per_sec': self.batch_size / step_time,
+                     'eta_sec': step_time * (self.total_steps - step)})
+      if self.tokens_per_example:
+        values['tokens_per_sec'] = self.batch_size * self.tokens_per_example / step_time
     values['examples_seen'] = float(step * self.batch_size)
     self.last_time, self.last_step = now, step
     if self.active:
@@ -52,8 +57,13 @@ class Writer:
     for key, fmt in (('loss', '.4f'), ('lr', '.2e'), ('grad_norm', '.3f')):
       if key in v:
         line += f' | {key} {v[key]:{fmt}}'
-    if 'images_per_sec' in v:
-      line += (f" | {v['images_per_sec']:.0f} img/s | {v['step_time']:.3f} s/step"
+    rate = f'{self.unit}_per_sec'
+    if rate in v:
+      label = 'img' if self.unit == 'images' else self.unit
+      line += f' | {v[rate]:.0f} {label}/s'
+      if 'tokens_per_sec' in v:
+        line += f" ({v['tokens_per_sec']:,.0f} tokens/s)"
+      line += (f" | {v['step_time']:.3f} s/step"
                f" | ETA {format_duration(v['eta_sec'])}")
     return line
 

@@ -63,7 +63,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | N
   figures = task.name == 'image'  # text has no figure; it is scored on the held-out split instead
   reconstruct = pretrain_step.make_reconstruct(model, config, mesh, num_images=8) if figures else None
   evaluate = make_evaluate(task, model, config, mesh, data)
-  writer = metrics.Writer(workdir, total_steps, config.batch_size)
+  units = dict(unit='rows', tokens_per_example=config.data.seq_len) if task.name == 'text' else {}
+  writer = metrics.Writer(workdir, total_steps, config.batch_size, **units)
   logged = {}
   for step in range(start + 1, end + 1):
     batch = next(batches)
