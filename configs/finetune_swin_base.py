@@ -1,7 +1,7 @@
 """The paper's Swin-B fine-tuning recipes on ImageNet-1K, from a SimMIM-pretrained (192 px, window 6) encoder.
 
-Command:  python -m simmim_jax.main --config=configs/finetune_swin_base.py:224 --workdir=gs://BUCKET/swin_b_ft \
-            --config.init_from=gs://BUCKET/swin_b_800ep --config.data.data_dir=DIR_WITH_PREPARED_imagenet2012
+Command:  python -m simmim_jax.main --config=configs/finetune_swin_base.py:224 --workdir=/mnt/runs/swin_b_ft \
+            --config.init_from=/mnt/runs/swin_b_800ep --config.data.data_dir=DIR_WITH_PREPARED_imagenet2012
           The argument is the fine-tuning resolution and the pretraining length: 192 (window 6), 224 (window 7,
           the pretrained 6x6 relative tables are resized bicubically), with ',800' after 800 pretraining epochs
           (layer decay 0.8 instead of 0.9). Default: 224,800.

@@ -1,7 +1,7 @@
 """The paper's ViT-B/16 fine-tuning recipe on ImageNet-1K (224 px), from a SimMIM-pretrained encoder.
 
-Command:  python -m simmim_jax.main --config=configs/finetune_vit_base.py --workdir=gs://BUCKET/vit_b_ft \
-            --config.init_from=gs://BUCKET/vit_b_800ep --config.data.data_dir=DIR_WITH_PREPARED_imagenet2012
+Command:  python -m simmim_jax.main --config=configs/finetune_vit_base.py --workdir=/mnt/runs/vit_b_ft \
+            --config.init_from=/mnt/runs/vit_b_800ep --config.data.data_dir=DIR_WITH_PREPARED_imagenet2012
           init_from takes a pretraining workdir, one checkpoint step, an exported .npz, or an official SimMIM
           .pth converted by tools/ (see README).
 Runtime:  100 epochs = 62.5k steps at batch 2048; a fine-tuning step costs about the same as a pretraining

@@ -1,6 +1,6 @@
 """The paper's Swin-B SimMIM recipes on ImageNet-1K (192 px, window 6, mask 32 px at ratio 0.6, patch 4).
 
-Command:  python -m simmim_jax.main --config=configs/simmim_swin_base.py --workdir=gs://BUCKET/swin_b_800ep \
+Command:  python -m simmim_jax.main --config=configs/simmim_swin_base.py --workdir=/mnt/runs/swin_b_800ep \
             --config.data.data_dir=DIR_WITH_PREPARED_imagenet2012
           configs/simmim_swin_base.py:100 is the 100-epoch recipe (cosine), the paper's main ablation setting.
 Runtime:  625 steps per epoch at batch 2048: 62.5k steps for 100 epochs, 500k for 800. A step costs ~70 GFLOPs

@@ -1,6 +1,6 @@
 """The paper's Swin-L SimMIM recipe on ImageNet-1K (192 px, window 12, 800 epochs, mask 32 px at ratio 0.6).
 
-Command:  python -m simmim_jax.main --config=configs/simmim_swin_large.py --workdir=gs://BUCKET/swin_l_800ep \
+Command:  python -m simmim_jax.main --config=configs/simmim_swin_large.py --workdir=/mnt/runs/swin_l_800ep \
             --config.data.data_dir=DIR_WITH_PREPARED_imagenet2012
           (add --config.mesh.fsdp=N to shard parameters and optimizer state when memory is tight)
 Runtime:  500k steps at batch 2048 (625 per epoch). A step costs ~160 GFLOPs per image (forward 53.3 GFLOPs

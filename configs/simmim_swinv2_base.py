@@ -1,6 +1,6 @@
 """SwinV2-B SimMIM on ImageNet-1K (192 px, window 12, 800 epochs, norm_target 47), as the Swin-Transformer repo.
 
-Command:  python -m simmim_jax.main --config=configs/simmim_swinv2_base.py --workdir=gs://BUCKET/swinv2_b_800ep \
+Command:  python -m simmim_jax.main --config=configs/simmim_swinv2_base.py --workdir=/mnt/runs/swinv2_b_800ep \
             --config.data.data_dir=DIR_WITH_PREPARED_imagenet2012
 Runtime:  500k steps at batch 2048 (625 per epoch). A step costs ~74 GFLOPs per image (forward 24.7 GFLOPs
           as XLA counts it, x3), ~7.6e19 FLOPs in all: about 13-14 h on 8 H100s in bfloat16 at 20 % MFU.

@@ -1,6 +1,6 @@
 """The paper's ViT-B/16 SimMIM recipe on ImageNet-1K (BEiT-style ViT, 224 px, mask 32 px at ratio 0.6).
 
-Command:  python -m simmim_jax.main --config=configs/simmim_vit_base.py --workdir=gs://BUCKET/vit_b_800ep \
+Command:  python -m simmim_jax.main --config=configs/simmim_vit_base.py --workdir=/mnt/runs/vit_b_800ep \
             --config.data.data_dir=DIR_WITH_PREPARED_imagenet2012
           append :100 to the config path for the 100-epoch schedule (cosine, as the paper's ablations).
 Runtime:  800 epochs are ~500k steps at batch 2048 (the reference used 16 V100 GPUs for days); expect

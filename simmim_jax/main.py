@@ -26,6 +26,10 @@ def main(argv: list[str]) -> None:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   logging.set_verbosity(logging.WARNING)  # Orbax logs every file operation at INFO
   config = _CONFIG.value
+  if '://' in _WORKDIR.value:
+    # Checkpoints, metrics.jsonl and figures are written through the local filesystem.
+    raise app.UsageError(f'--workdir={_WORKDIR.value}: give a filesystem path (a shared one for multi-host runs, '
+                         'e.g. a bucket mounted with gcsfuse); URLs such as gs:// are not supported.')
   if config.task == 'pretrain':
     from simmim_jax.trainers import pretrain  # pylint: disable=import-outside-toplevel
     pretrain.train(config, _WORKDIR.value, max_steps=_MAX_STEPS.value)

@@ -19,7 +19,7 @@ Schedule = Callable[..., jax.Array]  # schedule(step, peak_scale=1.0) -> learnin
 
 def lr_schedule(optim: ml_collections.ConfigDict, *, total_steps: int, steps_per_epoch: int,
                 batch_size: int) -> Schedule:
-  """The official per-iteration schedule: linear warmup from warmup_lr, then cosine or multistep.
+  """The official per-iteration schedule: linear warmup from warmup_lr, then cosine, multistep or linear.
 
   cosine follows timm's CosineLRScheduler as SimMIM configures it: t_initial = total steps with no warmup
   prefix, so after warmup lr = min + (base - min)(1 + cos(pi t / T)) / 2 with t counted from step 0 (a small
@@ -39,6 +39,11 @@ def lr_schedule(optim: ml_collections.ConfigDict, *, total_steps: int, steps_per
     def after_warmup(t, base):
       frac = jnp.clip((t - offset) / max(period, 1), 0.0, 1.0)
       return min_lr + 0.5 * (base - min_lr) * (1.0 + jnp.cos(jnp.pi * frac))
+  elif optim.schedule == 'linear':  # BERT/RoBERTa: straight down to min_lr over the steps after warmup
+
+    def after_warmup(t, base):
+      frac = jnp.clip((t - warmup) / max(total_steps - warmup, 1), 0.0, 1.0)
+      return base + (min_lr - base) * frac
   elif optim.schedule == 'multistep':
     milestones = milestone_steps(optim, steps_per_epoch)
 
@@ -46,7 +51,7 @@ def lr_schedule(optim: ml_collections.ConfigDict, *, total_steps: int, steps_per
       passed = jnp.sum(t >= jnp.asarray(milestones, jnp.int32)) if milestones else 0
       return base * optim.gamma**passed
   else:
-    raise ValueError(f"optim.schedule must be 'cosine' or 'multistep', got {optim.schedule!r}.")
+    raise ValueError(f"optim.schedule must be 'cosine', 'linear' or 'multistep', got {optim.schedule!r}.")
 
   def schedule(step: jax.Array, peak_scale: float | jax.Array = 1.0) -> jax.Array:
     t = jnp.asarray(step, jnp.float32)

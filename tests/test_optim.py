@@ -52,6 +52,15 @@ def test_multistep_with_warmup():
   np.testing.assert_allclose([float(schedule(t)) for t in (39, 40, 50)], [2e-4, 2e-5, 2e-6], rtol=1e-5)
 
 
+def test_linear_decay_after_warmup():
+  o = defaults.pretrain_config().optim
+  o.update(schedule='linear', base_lr=1e-3, warmup_lr=0.0, min_lr=1e-4, warmup_steps=10, warmup_epochs=None)
+  schedule = optim.lr_schedule(o, total_steps=110, steps_per_epoch=1, batch_size=512)
+  want = lambda t: t / 10 * 1e-3 if t < 10 else 1e-3 + (1e-4 - 1e-3) * (t - 10) / 100
+  for t in (0, 5, 10, 35, 60, 109, 110, 200):
+    np.testing.assert_allclose(float(schedule(t)), want(min(t, 110)), rtol=1e-5, atol=1e-12)
+
+
 def test_no_decay_rules_follow_the_official_code():
   c = defaults.pretrain_config().model
   c.update(variant='Mu/4', image_size=32)
