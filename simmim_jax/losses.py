@@ -14,15 +14,10 @@ def masked_l1(reconstruction: jax.Array, target: jax.Array, pixel_mask: jax.Arra
   return jnp.sum(l1 * mask) / (jnp.sum(mask) + 1e-5) / target.shape[-1]
 
 
-def normalize_target(images: jax.Array, window: int) -> jax.Array:
-  """SwinV2's norm_target: each pixel normalised by the mean and unbiased variance of its window x window
-  neighbourhood (stride 1; windows clipped at the border count only real pixels), per channel.
-
-  (B, H, W, C) -> same shape; as the official `norm_targets`: variance clamped at 0, eps 1e-6.
-  """
-  if window % 2 != 1:
-    raise ValueError(f'loss.norm_target_window must be odd, got {window}.')
-  x = images.astype(jnp.float32)
+def local_stats(images: jax.Array, window: int) -> tuple[jax.Array, jax.Array]:
+  """(mean, std) of each pixel's window x window neighbourhood (stride 1; windows clipped at the border count
+  only real pixels), per channel; as the official `norm_targets`: unbiased variance clamped at 0, eps 1e-6."""
+  x = jnp.asarray(images, jnp.float32)
   pad = window // 2
 
   def window_sum(t):
@@ -32,7 +27,15 @@ def normalize_target(images: jax.Array, window: int) -> jax.Array:
   count = window_sum(jnp.ones_like(x[:1, :, :, :1]))
   mean = window_sum(x) / count
   var = (window_sum(x * x) / count - mean**2) * (count / (count - 1))
-  return (x - mean) / jnp.sqrt(jnp.maximum(var, 0.0) + 1e-6)
+  return mean, jnp.sqrt(jnp.maximum(var, 0.0) + 1e-6)
+
+
+def normalize_target(images: jax.Array, window: int) -> jax.Array:
+  """SwinV2's norm_target: each pixel normalised by its neighbourhood's local_stats. (B, H, W, C) -> same shape."""
+  if window % 2 != 1:
+    raise ValueError(f'loss.norm_target_window must be odd, got {window}.')
+  mean, std = local_stats(images, window)
+  return (jnp.asarray(images, jnp.float32) - mean) / std
 
 
 def masked_token_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> dict[str, jax.Array]:

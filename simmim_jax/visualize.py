@@ -70,21 +70,6 @@ def reconstruct(params: Any, config: ml_collections.ConfigDict, images: np.ndarr
   return np.concatenate(out).astype(np.float32)
 
 
-def local_stats(images: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray]:
-  """(mean, std) of each pixel's window neighbourhood, as losses.normalize_target uses them."""
-  x = jnp.asarray(images, jnp.float32)
-  pad = window // 2
-
-  def window_sum(t):
-    return jax.lax.reduce_window(t, 0.0, jax.lax.add, (1, window, window, 1), (1, 1, 1, 1),
-                                 ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-
-  count = window_sum(jnp.ones_like(x[:1, :, :, :1]))
-  mean = window_sum(x) / count
-  var = (window_sum(x * x) / count - mean**2) * (count / (count - 1))
-  return np.asarray(mean), np.asarray(jnp.sqrt(jnp.maximum(var, 0.0) + 1e-6))
-
-
 def patch_l1(reconstruction: np.ndarray, target: np.ndarray, patch: int) -> np.ndarray:
   """Mean |target - reconstruction| per patch x patch block and all channels: (B, H/p, W/p)."""
   err = np.abs(np.asarray(target, np.float32) - np.asarray(reconstruction, np.float32))
@@ -124,8 +109,8 @@ def figure_from_arrays(images: np.ndarray, token_mask: np.ndarray, reconstructio
   patch = config.mask.model_patch_size
   target, drawn = images, reconstruction
   if config.loss.norm_target:
-    target = np.asarray(losses.normalize_target(images, config.loss.norm_target_window))
-    mean, std = local_stats(images, config.loss.norm_target_window)
+    mean, std = (np.asarray(a) for a in losses.local_stats(images, config.loss.norm_target_window))
+    target = (images - mean) / std  # losses.normalize_target, keeping the stats to draw pixels back
     drawn = reconstruction * std + mean
   errors = patch_l1(reconstruction, target, patch)
   masked = token_mask > 0

@@ -56,7 +56,7 @@ def test_figure_numbers_match_the_loss_per_image(norm_target):
 
 def test_local_stats_undo_norm_target():
   x = np.random.default_rng(1).normal(size=(2, 16, 16, 3)).astype(np.float32)
-  mean, std = visualize.local_stats(x, 7)
+  mean, std = losses.local_stats(x, 7)
   np.testing.assert_allclose((x - mean) / std, losses.normalize_target(x, 7), rtol=1e-4, atol=1e-4)
 
 

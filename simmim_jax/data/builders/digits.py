@@ -3,6 +3,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from sklearn.datasets import load_digits
 
+from simmim_jax.data import builders
+
 NAME = 'sklearn_digits'
 TEST_EVERY = 5  # example i goes to 'test' when i % 5 == 0: 1,437 train and 360 test images
 
@@ -42,15 +44,4 @@ class SklearnDigits(tfds.core.GeneratorBasedBuilder):
 
 def ensure_prepared(data_dir: str | None = None) -> SklearnDigits:
   """Returns the builder, preparing it into data_dir (None: the tfds default) first if needed."""
-  builder = SklearnDigits(data_dir=data_dir)
-  if not builder.is_prepared():
-    # try_download_gcs=False: never ask gs://tfds-data for a prepared copy (no network here).
-    config = tfds.download.DownloadConfig(try_download_gcs=False)
-    try:
-      builder.download_and_prepare(download_config=config)
-    except Exception:
-      # Another process may have finished preparing the same folder first.
-      builder = SklearnDigits(data_dir=data_dir)
-      if not builder.is_prepared():
-        raise
-  return builder
+  return builders.prepare_offline(SklearnDigits, data_dir)

@@ -4,6 +4,8 @@ import re
 
 import tensorflow_datasets as tfds
 
+from simmim_jax.data import builders
+
 NAME = 'pydoc_topics'
 VALIDATION_EVERY = 10  # the i-th topic (sorted by name) is held out when i % 10 == 0: 71 train, 8 validation
 
@@ -49,13 +51,4 @@ class PydocTopics(tfds.core.GeneratorBasedBuilder):
 
 def ensure_prepared(data_dir: str | None = None) -> PydocTopics:
   """Returns the builder, preparing it into data_dir (None: the tfds default) first if needed."""
-  builder = PydocTopics(data_dir=data_dir)
-  if not builder.is_prepared():
-    config = tfds.download.DownloadConfig(try_download_gcs=False)  # never ask gs://tfds-data (offline)
-    try:
-      builder.download_and_prepare(download_config=config)
-    except Exception:
-      builder = PydocTopics(data_dir=data_dir)  # another process may have finished preparing it first
-      if not builder.is_prepared():
-        raise
-  return builder
+  return builders.prepare_offline(PydocTopics, data_dir)
