@@ -15,34 +15,13 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
+from flax import traverse_util
+
+from simmim_jax.interop import torch_io
 
 DTYPES_KEY = '__dtypes__'
 NPZ_SUFFIX = '.npz'
 TORCH_SUFFIXES = ('.pth', '.pt', '.bin', '.safetensors')
-
-
-def flatten(params: Any, prefix: str = '') -> dict[str, Any]:
-  """Nested mapping -> {'a/b/c': leaf}."""
-  flat = {}
-  for key, value in params.items():
-    name = f'{prefix}{key}'
-    if hasattr(value, 'items'):
-      flat.update(flatten(value, name + '/'))
-    else:
-      flat[name] = value
-  return flat
-
-
-def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
-  """{'a/b/c': leaf} -> nested dicts."""
-  tree: dict[str, Any] = {}
-  for name, value in flat.items():
-    *parents, leaf = name.split('/')
-    node = tree
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = value
-  return tree
 
 
 def config_path(npz_path: str) -> str:
@@ -61,7 +40,7 @@ def save_npz(path: str, params: Any, config: Any = None) -> None:
   if not path.endswith(NPZ_SUFFIX):
     raise ValueError(f'save_npz writes a {NPZ_SUFFIX} file; got {path!r}: give a path ending in {NPZ_SUFFIX}.')
   arrays, dtypes = {}, {}
-  for name, value in flatten(params).items():
+  for name, value in traverse_util.flatten_dict(params, sep='/').items():
     value = np.asarray(value)  # a jax.Array lands on the host here
     if value.dtype.type.__module__.startswith('ml_dtypes'):  # NumPy cannot store these natively
       dtypes[name] = value.dtype.name
@@ -84,7 +63,7 @@ def _load_npz(path: str) -> dict[str, Any]:
     flat = {name: data[name] for name in data.files if name != DTYPES_KEY}
   for name, dtype in dtypes.items():
     flat[name] = flat[name].view(getattr(ml_dtypes, dtype))
-  return unflatten(flat)
+  return traverse_util.unflatten_dict(flat, sep='/')
 
 
 def _latest_step(checkpoints_dir: str) -> int:
@@ -151,7 +130,6 @@ def load_params(path: str, subtree: str | None = None, step: int | None = None) 
       raise FileNotFoundError(f'{path} does not exist: give the .npz written by tools/export_params.py.')
     params = _load_npz(path)
   elif path.endswith(TORCH_SUFFIXES):
-    from simmim_jax.interop import torch_io  # pylint: disable=import-outside-toplevel
     params = torch_io.import_torch(path)
   else:
     params = _load_checkpoint(checkpoint_step_dir(path, step))

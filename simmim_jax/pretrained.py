@@ -9,8 +9,7 @@ import math
 from typing import Any
 
 import numpy as np
-
-from simmim_jax.params_io import flatten, unflatten
+from flax import traverse_util
 
 SHARED_TABLE = 'rel_pos_bias/relative_position_bias_table'
 TABLE = 'relative_position_bias_table'
@@ -57,7 +56,7 @@ def adapt_encoder(pretrained: dict[str, Any], target: dict[str, Any]) -> tuple[d
   Returns the params and a report {'copied', 'resized', 'dropped'}. Every target param must come from the
   checkpoint: a missing one or a shape that cannot be adapted means a different model, one clear error.
   """
-  src, dst = flatten(pretrained), flatten(target)
+  src, dst = traverse_util.flatten_dict(pretrained, sep='/'), traverse_util.flatten_dict(target, sep='/')
   outside = []
   if 'encoder' in {k.split('/')[0] for k in src} and not any(k.startswith('encoder/') for k in dst):
     outside = sorted(k for k in src if not k.startswith('encoder/'))  # a whole SimMIM tree: the decoder goes
@@ -83,4 +82,4 @@ def adapt_encoder(pretrained: dict[str, Any], target: dict[str, Any]) -> tuple[d
                        'model.variant, model.image_size and model.window_size against the pretraining config.')
     out[key] = value
   report['dropped'] = outside + sorted(set(src) - set(dst))
-  return unflatten(out), report
+  return traverse_util.unflatten_dict(out, sep='/'), report

@@ -7,8 +7,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import torch
+from flax import traverse_util
 
-from simmim_jax import models, params_io
+from simmim_jax import models
 from simmim_jax.interop import timm, torch_io
 from simmim_jax.models import classifier
 
@@ -30,9 +31,10 @@ def model_config(family: str, **overrides) -> dict:
 def random_like(abstract, seed: int, dtype=np.float32):
   """Random values for every param (norm scales near 1): no init compile, every weight matters."""
   rng = np.random.default_rng(seed)
-  flat = params_io.flatten(abstract)
-  return params_io.unflatten({k: ((1.0 if k.endswith('scale') else 0.0) + 0.2 * rng.standard_normal(v.shape)).astype(dtype)
-                              for k, v in flat.items()})
+  flat = traverse_util.flatten_dict(abstract, sep='/')
+  return traverse_util.unflatten_dict(
+      {k: ((1.0 if k.endswith('scale') else 0.0) + 0.2 * rng.standard_normal(v.shape)).astype(dtype)
+       for k, v in flat.items()}, sep='/')
 
 
 def simmim_model(family: str, seed: int = 0, **overrides):
@@ -80,7 +82,7 @@ def images_and_mask(batch: int = 2, size: int = 32, seed: int = 1) -> tuple[np.n
 
 
 def assert_bit_exact(got, want):
-  got, want = params_io.flatten(got), params_io.flatten(want)
+  got, want = traverse_util.flatten_dict(got, sep='/'), traverse_util.flatten_dict(want, sep='/')
   assert sorted(got) == sorted(want)
   for k, v in want.items():
     assert got[k].dtype == v.dtype and got[k].shape == v.shape and got[k].tobytes() == v.tobytes(), k

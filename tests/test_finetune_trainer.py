@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from simmim_jax import params_io
 
@@ -60,8 +61,8 @@ def test_finetune_evaluates_keeps_the_best_and_resumes_exactly(pretrained, tmp_p
   out = main_job('configs/finetune_cpu.py', resumed, *common(data_dir, pretrained_dir, 8), *FULL_AUGMENTATION)
   assert 'Resumed from step 4' in out
   a, b = params_io.load_params(str(straight)), params_io.load_params(str(resumed))
-  for key, value in params_io.flatten(a).items():
-    np.testing.assert_array_equal(value, params_io.flatten(b)[key], err_msg=key)
+  for key, value in traverse_util.flatten_dict(a, sep='/').items():
+    np.testing.assert_array_equal(value, traverse_util.flatten_dict(b, sep='/')[key], err_msg=key)
   assert evals(resumed)[8]['eval_top1'] == results[8]['eval_top1']
 
 
@@ -69,8 +70,8 @@ def test_linear_probe_trains_the_head_and_leaves_the_encoder_as_pretrained(pretr
   data_dir, pretrained_dir = pretrained
   workdir = tmp_path / 'probe'
   main_job('configs/linear_probe_cpu.py', workdir, *common(data_dir, pretrained_dir, 4))
-  probe = params_io.flatten(params_io.load_params(str(workdir)))
-  source = params_io.flatten(params_io.load_params(pretrained_dir, subtree='encoder'))
+  probe = traverse_util.flatten_dict(params_io.load_params(str(workdir)), sep='/')
+  source = traverse_util.flatten_dict(params_io.load_params(pretrained_dir, subtree='encoder'), sep='/')
   assert not any(k.startswith('encoder/blocks_4') for k in probe)  # block-4 features: later blocks not built
   for key in ('blocks_0/attn/qkv/kernel', 'blocks_3/mlp/fc2/kernel', 'patch_embed/kernel'):
     np.testing.assert_array_equal(probe[f'encoder/{key}'], source[key])

@@ -2,6 +2,7 @@
 dicts become params whose JAX model computes what timm, reading the same file independently, computes."""
 import numpy as np
 import pytest
+from flax import traverse_util
 
 torch = pytest.importorskip('torch')
 timm_models = pytest.importorskip('timm.models')
@@ -130,8 +131,8 @@ def test_official_checkpoint_imports_to_the_same_model(family, finetune, tmp_pat
     ours = encoder_features(cfg, params['encoder'], images)
     np.testing.assert_array_equal(params['decoder']['conv']['kernel'], sd['decoder.0.weight'].transpose(2, 3, 1, 0))
   # Exactly the params the JAX model has, in its shapes: nothing missing, no buffer taken for a param.
-  assert {k: v.shape for k, v in params_io.flatten(params).items()} == \
-      {k: v.shape for k, v in params_io.flatten(expected).items()}
+  assert {k: v.shape for k, v in traverse_util.flatten_dict(params, sep='/').items()} == \
+      {k: v.shape for k, v in traverse_util.flatten_dict(expected, sep='/').items()}
   reference = timm_reads_official(family, sd, timm.timm_spec(cfg, params))
   with torch.no_grad():
     x = torch.from_numpy(images).permute(0, 3, 1, 2)
@@ -155,8 +156,9 @@ def test_timm_state_dict_imports_to_the_same_model(family, tmp_path):
   torch.save(reference.state_dict(), path)
   params = params_io.load_params(path)
   _, expected, _ = simmim_model(family)
-  expected = {k: v.shape for k, v in params_io.flatten(expected['encoder']).items() if k != 'mask_token'}
-  assert {k: v.shape for k, v in params_io.flatten(params['encoder']).items()} == expected
+  expected = {k: v.shape for k, v in traverse_util.flatten_dict(expected['encoder'], sep='/').items()
+              if k != 'mask_token'}
+  assert {k: v.shape for k, v in traverse_util.flatten_dict(params['encoder'], sep='/').items()} == expected
   images, _ = images_and_mask(seed=12)
   diff = np.abs(timm_features(reference, images, vit=family.startswith('vit'))
                 - encoder_features(cfg, params['encoder'], images)).max()

@@ -8,6 +8,7 @@ import ml_collections
 import ml_dtypes
 import numpy as np
 import pytest
+from flax import traverse_util
 
 torch = pytest.importorskip('torch')
 pytest.importorskip('timm')
@@ -72,8 +73,8 @@ def test_text_round_trip_through_the_tools_is_bit_exact(model_and_params, dtype,
   params_io.save_npz(npz, params, {'model': MODEL})
   from tools import convert_to_torch  # pylint: disable=import-outside-toplevel
   convert_to_torch.main(['--params', npz, '--out', out])
-  back = params_io.flatten(params_io.load_params(out))
-  want = params_io.flatten(params)
+  back = traverse_util.flatten_dict(params_io.load_params(out), sep='/')
+  want = traverse_util.flatten_dict(params, sep='/')
   assert sorted(back) == sorted(want)
   for k, v in want.items():
     assert back[k].dtype == v.dtype and back[k].tobytes() == np.asarray(v).tobytes(), k

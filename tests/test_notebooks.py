@@ -8,6 +8,7 @@ import time
 import nbformat
 import numpy as np
 import pytest
+from flax import traverse_util
 from nbclient import NotebookClient
 from PIL import Image
 
@@ -44,7 +45,8 @@ def assert_picture(path: str, min_colours: int = 50) -> np.ndarray:
 
 def assert_same_params(npz: str, expected: dict) -> None:
   """The .npz holds exactly the expected arrays, bit for bit."""
-  got, want = params_io.flatten(params_io.load_params(npz)), params_io.flatten(expected)
+  got = traverse_util.flatten_dict(params_io.load_params(npz), sep='/')
+  want = traverse_util.flatten_dict(expected, sep='/')
   assert got.keys() == want.keys() and len(got) > 10
   for name in want:
     np.testing.assert_array_equal(got[name], want[name], err_msg=name)

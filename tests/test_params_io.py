@@ -8,6 +8,7 @@ import ml_dtypes
 import numpy as np
 import optax
 import pytest
+from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from simmim_jax import checkpoint, config_io, models, params_io
@@ -28,7 +29,7 @@ def test_npz_round_trip_is_bit_exact_with_bfloat16(tmp_path):
   got = loaded['encoder']['blocks_0']['attn']['qkv']['kernel']
   assert got.dtype == ml_dtypes.bfloat16 and got.tobytes() == bf16.tobytes()
   assert loaded['encoder']['blocks_0']['attn']['qkv']['bias'].dtype == ml_dtypes.bfloat16
-  flat_in, flat_out = params_io.flatten(params), params_io.flatten(loaded)
+  flat_in, flat_out = traverse_util.flatten_dict(params, sep='/'), traverse_util.flatten_dict(loaded, sep='/')
   assert sorted(flat_in) == sorted(flat_out)
   for name, value in flat_in.items():
     assert np.asarray(value).dtype == flat_out[name].dtype and np.asarray(value).tobytes() == flat_out[name].tobytes()
@@ -103,8 +104,8 @@ def test_checkpoint_to_npz_and_back(saved_run, tmp_path):
   bf16 = str(tmp_path / 'bf16.npz')
   export_params.main(['--checkpoint', os.path.join(workdir, 'checkpoints'), '--step', '3', '--out', bf16,
                       '--dtype', 'bfloat16'])
-  exported = params_io.flatten(params_io.load_params(bf16))
-  for name, value in params_io.flatten(params3).items():
+  exported = traverse_util.flatten_dict(params_io.load_params(bf16), sep='/')
+  for name, value in traverse_util.flatten_dict(params3, sep='/').items():
     assert exported[name].dtype == ml_dtypes.bfloat16
     assert exported[name].tobytes() == value.astype(ml_dtypes.bfloat16).tobytes(), name
   config = params_io.load_config(bf16)

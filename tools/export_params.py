@@ -14,6 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import ml_dtypes  # pylint: disable=g-import-not-at-top
 import numpy as np
+from flax import traverse_util
 
 from simmim_jax import params_io
 
@@ -35,13 +36,13 @@ def main(argv: list[str] | None = None) -> None:
   if args.dtype:
     dtype = np.float32 if args.dtype == 'float32' else ml_dtypes.bfloat16
     flat = {k: v.astype(dtype) if np.issubdtype(v.dtype, np.floating) or v.dtype == ml_dtypes.bfloat16 else v
-            for k, v in params_io.flatten(params).items()}
-    params = params_io.unflatten(flat)
+            for k, v in traverse_util.flatten_dict(params, sep='/').items()}
+    params = traverse_util.unflatten_dict(flat, sep='/')
   export_config = dict(config or {})
   export_config['export'] = {'source': os.path.abspath(args.checkpoint), 'step': args.step,
                              'encoder_only': args.encoder_only, 'dtype': args.dtype}
   params_io.save_npz(args.out, params, export_config)
-  flat = params_io.flatten(params)
+  flat = traverse_util.flatten_dict(params, sep='/')
   count = sum(int(np.prod(v.shape)) for v in flat.values())
   print(f'Wrote {len(flat)} arrays, {count:,} parameters to {args.out} (config: {params_io.config_path(args.out)})')
 

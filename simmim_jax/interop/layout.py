@@ -9,6 +9,7 @@ import re
 from typing import Any
 
 import numpy as np
+from flax import traverse_util
 
 BUFFERS = ('relative_position_index', 'attn_mask', 'relative_coords_table', 'k_bias')
 _INDEXED = re.compile(r'^(blocks|layers)_(\d+)$')
@@ -67,8 +68,7 @@ def family(encoder_flat: dict[str, Any]) -> str:
 
 def split_model(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
   """A whole model (encoder + decoder or head), or an encoder alone -> (encoder flat, the rest flat)."""
-  from simmim_jax.params_io import flatten  # pylint: disable=import-outside-toplevel
-  flat = flatten(params)
+  flat = traverse_util.flatten_dict(params, sep='/')
   if any(n.startswith('encoder/') for n in flat):
     encoder = {n[len('encoder/'):]: v for n, v in flat.items() if n.startswith('encoder/')}
     return encoder, {n: v for n, v in flat.items() if not n.startswith('encoder/')}
@@ -109,7 +109,6 @@ def heads_to_torch(rest_flat: dict[str, Any], swin_head: str = 'head.') -> tuple
 def assemble(state_dict: dict[str, Any]) -> dict[str, Any]:
   """Official-named PyTorch tensors without the `encoder.` prefix (timm's renames undone) -> nested params
   {'encoder': ..., and 'decoder' / 'fc_norm' / 'head' when present}. Buffers are dropped."""
-  from simmim_jax.params_io import unflatten  # pylint: disable=import-outside-toplevel
   vit = not any(k.startswith('layers.') for k in state_dict)
   encoder, rest = {}, {}
   for k, v in state_dict.items():
@@ -119,6 +118,6 @@ def assemble(state_dict: dict[str, Any]) -> dict[str, Any]:
       rest[k] = v
     else:
       encoder[re.sub(r'^patch_embed\.proj\.', 'patch_embed.', k) if vit else k] = v
-  params = unflatten(torch_to_jax(rest))
-  params['encoder'] = unflatten(torch_to_jax(encoder))
+  params = traverse_util.unflatten_dict(torch_to_jax(rest), sep='/')
+  params['encoder'] = traverse_util.unflatten_dict(torch_to_jax(encoder), sep='/')
   return params

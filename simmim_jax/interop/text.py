@@ -19,6 +19,7 @@ simmim_jax.interop.torch_text.TextEncoder is that model, ready to load this stat
 from typing import Any
 
 import numpy as np
+from flax import traverse_util
 
 from simmim_jax.interop import layout
 
@@ -40,15 +41,14 @@ def to_torch(params: dict[str, Any]) -> dict[str, np.ndarray]:
 
 def from_torch(state_dict: dict[str, Any]) -> dict[str, Any]:
   """The layout above -> params {'encoder': ..., 'head': ... when present}."""
-  from simmim_jax.params_io import unflatten  # pylint: disable=import-outside-toplevel
   state = dict(state_dict)
   embedding = np.asarray(state.pop('embedding.weight'))
   head = {k: v for k, v in state.items() if k.startswith('head.')}
   encoder = layout.torch_to_jax({k: v for k, v in state.items() if not k.startswith('head.')})
   encoder[EMBEDDING] = embedding
-  params = {'encoder': unflatten(encoder)}
+  params = {'encoder': traverse_util.unflatten_dict(encoder, sep='/')}
   if head:
-    params.update(unflatten(layout.torch_to_jax(head)))
+    params.update(traverse_util.unflatten_dict(layout.torch_to_jax(head), sep='/'))
   return params
 
 

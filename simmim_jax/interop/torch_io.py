@@ -11,7 +11,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from simmim_jax.interop import official, timm
+from simmim_jax.interop import official, text, timm
 
 SIDECAR = '.simmim.safetensors'
 
@@ -88,7 +88,6 @@ def write_safetensors(path: str, state_dict: dict[str, np.ndarray], metadata: di
 def import_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
   """An official SimMIM, timm or text-layout state dict (detected from its names) -> params for this package."""
   if 'embedding.weight' in state_dict:
-    from simmim_jax.interop import text  # pylint: disable=import-outside-toplevel
     return text.from_torch(state_dict)
   if official.is_official(state_dict):
     return official.from_official(state_dict)
