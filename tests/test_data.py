@@ -9,7 +9,7 @@ import tensorflow as tf
 from PIL import Image
 
 from simmim_jax import defaults
-from simmim_jax.data import images
+from simmim_jax.data import images, sources
 from simmim_jax.data.builders import digits
 
 
@@ -39,7 +39,7 @@ def test_digits_builder_prepares_offline(digits_dir):
   builder = digits.ensure_prepared(digits_dir)  # already prepared: reused
   assert builder.info.splits['train'].num_examples == 1437
   assert builder.info.splits['test'].num_examples == 360
-  assert images.num_examples(_config(digits_dir, split='test')) == 360
+  assert sources.num_examples(_config(digits_dir, split='test')) == 360
   examples = list(builder.as_dataset(split='train').as_numpy_iterator())
   pixels = np.stack([ex['image'] for ex in examples])
   assert pixels.shape == (1437, 8, 8, 1) and pixels.dtype == np.uint8
@@ -117,13 +117,13 @@ def test_flip_mirrors_about_half_the_images(digits_dir):
 def test_missing_tfds_dataset_fails_fast_with_a_clear_message(tmp_path):
   data = _config(str(tmp_path), name='mnist')
   start = time.time()
-  with pytest.raises(images.DatasetNotFoundError) as error:
-    images.num_examples(data)
+  with pytest.raises(sources.DatasetNotFoundError) as error:
+    sources.num_examples(data)
   assert time.time() - start < 10
   assert 'mnist' in str(error.value) and str(tmp_path) in str(error.value)
   assert 'tfds build' in str(error.value)
-  with pytest.raises(images.DatasetNotFoundError, match='no_such_dataset_xyz'):
-    images.dataset_builder(_config(str(tmp_path), name='no_such_dataset_xyz'))
+  with pytest.raises(sources.DatasetNotFoundError, match='no_such_dataset_xyz'):
+    sources.prepared_builder(_config(str(tmp_path), name='no_such_dataset_xyz'))
 
 
 def _windows(height: int, width: int, scale, ratio, n: int = 2000) -> np.ndarray:
@@ -167,7 +167,7 @@ def test_image_folder_constant_images_normalise(tmp_path):
           tmp_path / 'train' / label / f'{i}.png')
   data = defaults.pretrain_config().data
   data.name, data.data_dir, data.shuffle_buffer, data.prefetch = 'image_folder', str(tmp_path), 8, 1
-  assert images.num_examples(data) == 6
+  assert sources.num_examples(data) == 6
   (batch,) = list(itertools.islice(
       images.pretrain_batches(data, image_size=4, batch_size=6, seed=0), 1))
   assert batch['image'].shape == (6, 4, 4, 3) and batch['image'].dtype == np.float32

@@ -33,9 +33,9 @@ def texts_from_files(pattern: str):
 def texts_from_tfds(name: str, data_dir: str | None, split: str, text_key: str):
   """The split's documents as stored (the embedded pydoc corpus is prepared locally first)."""
   import ml_collections  # pylint: disable=import-outside-toplevel
-  from simmim_jax.data import text  # pylint: disable=import-outside-toplevel
+  from simmim_jax.data import sources  # pylint: disable=import-outside-toplevel
   data = ml_collections.ConfigDict({'name': name, 'data_dir': data_dir, 'text_key': text_key})
-  builder = text._tfds_builder(data)  # pylint: disable=protected-access
+  builder = sources.prepared_builder(data)
   for example in builder.as_dataset(split=split, shuffle_files=False).as_numpy_iterator():
     yield example[text_key].decode('utf-8')
 

@@ -1,6 +1,6 @@
 """Classification pipelines for fine-tuning and linear probing: timm's train augmentation, exact evaluation.
 
-Training batches follow images.keyed_batches (a pure function of seed, process and batch number, so a
+Training batches follow sources.keyed_batches (a pure function of seed, process and batch number, so a
 resumed run rebuilds the same batches). Evaluation reads every example of a split exactly once over all
 processes; each process pads its slice to the same number of batches and marks padding with valid = 0.
 """
@@ -15,14 +15,14 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from simmim_jax.data import augment, images
+from simmim_jax.data import augment, images, sources
 
 _INTERPOLATIONS = ('bicubic', 'bilinear')
 
 
 def num_classes(data: ml_collections.ConfigDict) -> int:
   """Classes of data.name's 'label' feature, from the tfds info."""
-  builder = images.dataset_builder(data)
+  builder = sources.prepared_builder(data)
   features = builder.info.features
   label = features['label'] if 'label' in features.keys() else None
   if not isinstance(label, tfds.features.ClassLabel):
@@ -84,7 +84,7 @@ def train_batches(data: ml_collections.ConfigDict, *, image_size: int, batch_siz
   """Endless per-process batches {'image': f32 (B, S, S, 3) normalised, 'label': i32 (B,)}."""
   _check(data)
   num_classes(data)  # labels are required
-  return images.keyed_batches(
+  return sources.keyed_batches(
       data, lambda key, encoded: train_transform(key, encoded, data, image_size),
       batch_size=batch_size, seed=seed, start_batch=start_batch, process_index=process_index,
       process_count=process_count)
@@ -102,12 +102,12 @@ def _eval_slice(builder: tfds.core.DatasetBuilder, split: str, index: int,
   """This process's slice of the whole split (nothing dropped), its size, and the largest slice size."""
   decoders = {'image': tfds.decode.SkipDecoding()}
   if isinstance(builder, tfds.ImageFolder):  # no sub-split API: take a contiguous range
-    bounds = _slice_bounds(images._split_size(builder, split), count)
+    bounds = _slice_bounds(sources.split_size(builder, split), count)
     start, end = bounds[index]
     ds = builder.as_dataset(split=split, shuffle_files=False, decoders=decoders)
     return ds.skip(start).take(end - start), end - start, max(e - s for s, e in bounds)
   subs = tfds.even_splits(split, n=count, drop_remainder=False)
-  sizes = [images._split_size(builder, sub) for sub in subs]
+  sizes = [sources.split_size(builder, sub) for sub in subs]
   # An empty sub-split (more processes than examples) cannot be read: take nothing from the split.
   sub, take = (subs[index], -1) if sizes[index] else (split, 0)
   ds = builder.as_dataset(split=sub, shuffle_files=False, decoders=decoders).take(take)
@@ -123,7 +123,7 @@ def eval_batches(data: ml_collections.ConfigDict, *, image_size: int, batch_size
   num_classes(data)
   index = jax.process_index() if process_index is None else process_index
   count = jax.process_count() if process_count is None else process_count
-  source, size, largest = _eval_slice(images.dataset_builder(data), split, index, count)
+  source, size, largest = _eval_slice(sources.prepared_builder(data), split, index, count)
   num_batches = math.ceil(largest / batch_size)
 
   def prepare(example) -> dict[str, tf.Tensor]:

@@ -61,10 +61,10 @@ def file_images(paths: Sequence[str], num_images: int, image_size: int, mean: Se
 def split_images(data: ml_collections.ConfigDict, num_images: int, image_size: int) -> np.ndarray:
   """The first num_images of data.name:data.split (prepared tfds, sklearn_digits, image_folder): (N, S, S, 3)."""
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-  from simmim_jax.data import images  # pylint: disable=import-outside-toplevel  (imports TensorFlow)
+  from simmim_jax.data import sources  # pylint: disable=import-outside-toplevel  (imports TensorFlow)
 
-  builder = images.dataset_builder(data)
-  available = images._split_size(builder, data.split)  # pylint: disable=protected-access
+  builder = sources.prepared_builder(data)
+  available = sources.split_size(builder, data.split)
   if available < num_images:
     raise ValueError(f'{data.name}:{data.split} has {available} images, fewer than the {num_images} asked for.')
   ds = builder.as_dataset(split=data.split, shuffle_files=False).take(num_images)

@@ -22,13 +22,12 @@ import os
 import shutil
 from collections.abc import Iterator
 
-import jax
 import ml_collections
 import numpy as np
 import sentencepiece as spm
 import tensorflow_datasets as tfds
 
-from simmim_jax.data import images, tokenizer
+from simmim_jax.data import sources, tokenizer
 from simmim_jax.data.builders import pydoc_topics
 
 TEXT_FILES = 'text_files'  # data_dir/<split>/*.txt, one document per non-empty line
@@ -57,40 +56,21 @@ def load_tokenizer(data: ml_collections.ConfigDict, vocab_size: int) -> spm.Sent
   return tokenizer.load(tokenizer.train(texts, vocab_size=vocab_size))
 
 
-def _tfds_builder(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
-  """The prepared builder for data.name; never downloads."""
-  if data.name == pydoc_topics.NAME:
-    return pydoc_topics.ensure_prepared(data.data_dir)
-  where = os.path.expanduser(data.data_dir) if data.data_dir else tfds.core.constants.DATA_DIR
-  try:
-    builder = tfds.builder(data.name, data_dir=data.data_dir)
-  except tfds.core.DatasetNotFoundError:
-    builder = None
-  if builder is None or not builder.is_prepared():
-    # Loading an unprepared dataset would start a download (minutes of DNS retries offline): stop here.
-    raise images.DatasetNotFoundError(
-        f'Text dataset {data.name!r} is not prepared under data_dir={where}. Prepare it with `tfds build '
-        f'{data.name} --data_dir={where}`, set data.data_dir to where it is, or use data.name={pydoc_topics.NAME!r} '
-        f'(embedded) or {TEXT_FILES!r} (data_dir/<split>/*.txt).')
-  return builder
-
-
 def read_documents(data: ml_collections.ConfigDict, split: str, index: int, count: int) -> list[str]:
   """This process's equal share of the split's documents, in the source's fixed order."""
   if data.name == TEXT_FILES:
     files = sorted(glob.glob(os.path.join(os.path.expanduser(data.data_dir or ''), split, '*.txt')))
     if not files:
-      raise images.DatasetNotFoundError(f'text_files found no {data.data_dir}/{split}/*.txt; set data.data_dir to a '
-                                        'folder with one sub-folder of .txt files (one document per line) per split.')
+      raise sources.DatasetNotFoundError(f'text_files found no {data.data_dir}/{split}/*.txt; set data.data_dir to a '
+                                         'folder with one sub-folder of .txt files (one document per line) per split.')
     docs = [line.strip() for f in files for line in open(f, encoding='utf-8') if line.strip()]
     share = len(docs) // count
     return docs[index * share:(index + 1) * share]
-  builder = _tfds_builder(data)
+  builder = sources.prepared_builder(data)
   if data.text_key not in builder.info.features:
     raise ValueError(f'{data.name} has no feature {data.text_key!r} (it has {list(builder.info.features)}); '
                      'set data.text_key.')
-  if split not in builder.info.splits:
-    raise ValueError(f'Split {split!r} not available for {data.name}; it has {list(builder.info.splits)}.')
+  sources.split_size(builder, split)  # a wrong split name fails here, with the splits there are
   sub = tfds.even_splits(split, n=count, drop_remainder=True)[index]
   ds = builder.as_dataset(split=sub, shuffle_files=False)
   return [ex[data.text_key].decode('utf-8') for ex in tfds.as_numpy(ds)]
@@ -176,18 +156,6 @@ def packed_batches(corpus: TokenCorpus, *, seq_len: int, batch_size: int, seed: 
       order, ends = epoch_order(corpus, seed, index, epoch)
     yield pack(corpus, order, ends, (step % per_epoch) * batch_size, batch_size, seq_len)
     step += 1
-
-
-def pretrain_batches(data: ml_collections.ConfigDict, sp: spm.SentencePieceProcessor, *, seq_len: int,
-                     batch_size: int, seed: int, split: str | None = None, start_batch: int = 0,
-                     num_batches: int | None = None, process_index: int | None = None,
-                     process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-  """This process's batches of `batch_size` packed rows from batch start_batch (split: data.split)."""
-  index = jax.process_index() if process_index is None else process_index
-  count = jax.process_count() if process_count is None else process_count
-  corpus = load_corpus(data, split or data.split, sp, index, count)
-  return packed_batches(corpus, seq_len=seq_len, batch_size=batch_size, seed=seed, index=index,
-                        start_batch=start_batch, num_batches=num_batches)
 
 
 def unigram_mode(corpus: TokenCorpus) -> int:
