@@ -9,7 +9,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from simmim_jax import mixup, optim, sharding
+from simmim_jax import losses, mixup, optim, sharding
 from simmim_jax.models.classifier import Classifier
 
 
@@ -82,7 +82,7 @@ def make_train_step(model: Classifier, tx: optax.GradientTransformation, schedul
     def loss_fn(params):
       logits, updates = model.apply({'params': params, 'batch_stats': state.batch_stats}, images, train=True,
                                     rngs={'dropout': drop_key}, mutable=['batch_stats'])
-      return mixup.soft_target_cross_entropy(logits, targets), updates.get('batch_stats', {})
+      return jnp.mean(losses.cross_entropy(logits, targets)), updates.get('batch_stats', {})
 
     (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -105,7 +105,7 @@ def make_eval_step(model: Classifier, mesh: Mesh, state_shardings: Any) -> Calla
     logits = model.apply({'params': state.params, 'batch_stats': state.batch_stats}, batch['image'], train=False)
     labels, valid = batch['label'], batch['valid'].astype(jnp.int32)
     top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
-    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=-1)[:, 0]
+    nll = losses.cross_entropy(logits, jax.nn.one_hot(labels, logits.shape[-1]))
     return {'correct_top1': jnp.sum((top5[:, 0] == labels) * valid),
             'correct_top5': jnp.sum(jnp.any(top5 == labels[:, None], axis=-1) * valid),
             'count': jnp.sum(valid), 'loss_sum': jnp.sum(nll * valid)}

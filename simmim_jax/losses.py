@@ -1,4 +1,4 @@
-"""Losses scored on masked positions only."""
+"""Every loss: masked L1 (SimMIM), masked-token sums (text) and the classification cross-entropy."""
 import jax
 import jax.numpy as jnp
 
@@ -52,7 +52,8 @@ def masked_token_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array)
   return {'loss_sum': jnp.sum((log_z - target_logit) * w), 'correct': jnp.sum(correct * w), 'count': jnp.sum(w)}
 
 
-def masked_cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.Array:
-  """Mean cross-entropy (nats) over the weighted masked positions of the whole batch."""
-  sums = masked_token_sums(logits, targets, weights)
-  return sums['loss_sum'] / jnp.maximum(sums['count'], 1.0)
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """Per row, -sum(targets * log_softmax(logits)) in float32: (B, K), (B, K) -> (B,). targets are class
+  probabilities: Mixup/CutMix with label smoothing in training (its mean is timm's SoftTargetCrossEntropy),
+  one-hot labels in evaluation."""
+  return -jnp.sum(targets.astype(jnp.float32) * jax.nn.log_softmax(logits.astype(jnp.float32)), -1)

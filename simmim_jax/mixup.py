@@ -79,14 +79,3 @@ def mixup_cutmix(key: jax.Array, images: jax.Array, labels: jax.Array, num_class
   lam, use_cutmix, centre = draw(key, images.shape[1], images.shape[2], mixup_alpha=mixup_alpha,
                                  cutmix_alpha=cutmix_alpha, prob=prob, switch_prob=switch_prob)
   return mix(images, labels, num_classes, lam, use_cutmix, centre, label_smoothing)
-
-
-def soft_target_cross_entropy(logits: jax.Array, targets: jax.Array,
-                              weights: jax.Array | None = None) -> jax.Array:
-  """timm SoftTargetCrossEntropy: mean over rows of -sum(targets * log_softmax(logits)), float32;
-  with weights (B,), a weighted mean (padding rows at weight 0 drop out)."""
-  losses = -jnp.sum(targets.astype(jnp.float32) * jax.nn.log_softmax(logits.astype(jnp.float32)), -1)
-  if weights is None:
-    return jnp.mean(losses)
-  weights = weights.astype(jnp.float32)
-  return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1e-9)

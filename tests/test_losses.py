@@ -1,4 +1,4 @@
-"""The masked L1 loss against a NumPy computation of the official formula."""
+"""The losses against NumPy: the masked L1 of the official formula, the classification cross-entropy."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,3 +30,18 @@ def test_unmasked_pixels_do_not_count():
   pixel_mask = np.asarray(masking.upsample(jnp.asarray(token_mask), 4))
   wrong_where_visible = np.where(pixel_mask > 0, x, x + 100.0)
   assert float(losses.masked_l1(wrong_where_visible, x, pixel_mask)) < 1e-6
+
+
+def test_cross_entropy_with_soft_and_one_hot_targets():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(5, 7)).astype(np.float32)
+  targets = rng.dirichlet(np.ones(7), 5).astype(np.float32)
+  log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  per_row = -(targets * log_p).sum(-1)
+  loss = losses.cross_entropy(jnp.asarray(logits, jnp.bfloat16).astype(jnp.float32), jnp.asarray(targets))
+  assert loss.dtype == jnp.float32
+  np.testing.assert_allclose(losses.cross_entropy(logits, targets), per_row, rtol=1e-5)
+  # One-hot targets: equal to the usual cross-entropy.
+  labels = rng.integers(0, 7, 5)
+  np.testing.assert_allclose(losses.cross_entropy(logits, np.eye(7)[labels]), -log_p[np.arange(5), labels],
+                             rtol=1e-5)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from simmim_jax import config_io, feed, optim, pretrain_step, sharding
+from simmim_jax import config_io, feed, optim, pretrain_step, sharding, tasks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,10 +26,11 @@ def config_path(name: str) -> str:
 def one_step(config, devices):
   """One train step of the tiny Swin config on a mesh over `devices`: (loss, params before, params after)."""
   mesh = sharding.make_mesh(config.mesh, devices)
-  s = pretrain_step.setup(config, mesh, total_steps=100, steps_per_epoch=10)
+  task = tasks.build(config)
+  s = pretrain_step.setup(task, mesh, total_steps=100, steps_per_epoch=10)
   state = s.init()
   before = jax.device_get(state.params)
-  step = pretrain_step.make_train_step(s.model, s.tx, s.schedule, config, mesh, s.shardings)
+  step = pretrain_step.make_train_step(task, s)
   images = np.random.default_rng(0).standard_normal((config.batch_size, 32, 32, 3)).astype(np.float32)
   state, metrics = step(state, feed.to_global({'image': images}, sharding.batch_sharding(mesh)))
   return float(metrics['loss']), before, jax.device_get(state.params)
@@ -101,9 +102,11 @@ def test_recipe_lowers_at_the_real_per_device_batch(spec, name, variant, window,
   per_device = config.batch_size // 16
   config.batch_size = per_device
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-  model, tx, schedule, _, abstract, shardings = pretrain_step.setup(config, mesh, total, steps_per_epoch)
-  assert model.encoder.stride == 32 and model.encoder.patch_size == config.mask.model_patch_size
-  step = pretrain_step.make_train_step(model, tx, schedule, config, mesh, shardings)
+  task = tasks.build(config)
+  s = pretrain_step.setup(task, mesh, total, steps_per_epoch)
+  abstract = s.abstract
+  assert task.model.encoder.stride == 32 and task.model.encoder.patch_size == config.mask.model_patch_size
+  step = pretrain_step.make_train_step(task, s)
   batch = {'image': jax.ShapeDtypeStruct((per_device, 192, 192, 3), jnp.float32,
                                          sharding=sharding.batch_sharding(mesh))}
   lowered = step.lower(abstract, batch)

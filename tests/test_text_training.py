@@ -12,7 +12,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from simmim_jax import config_io, feed, pretrain_step, sharding, tasks
+from simmim_jax import config_io, feed, pretrain_step, sharding, synthetic, tasks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, 'configs', 'text_tiny.py')
@@ -25,7 +25,7 @@ def tiny_config(**overrides):
 
 def text_batches(config, num_steps):
   """Synthetic packed rows; the last rows end in padding (segment 0), so rows mask different counts."""
-  source = feed.synthetic_token_batches(config.batch_size, config.data.seq_len, config.model.vocab_size, seed=1)
+  source = synthetic.token_batches(config.batch_size, config.data.seq_len, config.model.vocab_size, seed=1)
   batches = [dict(next(source)) for _ in range(num_steps)]
   for b in batches:
     b['segment_ids'] = b['segment_ids'].copy()
@@ -36,9 +36,10 @@ def text_batches(config, num_steps):
 def run_steps(config, devices, num_steps=2):
   """The text step on a mesh over `devices`: per-step metrics and the final params on the host."""
   mesh = sharding.make_mesh(config.mesh, devices)
-  s = pretrain_step.setup(config, mesh, total_steps=100, steps_per_epoch=10)
+  task = tasks.build(config)
+  s = pretrain_step.setup(task, mesh, total_steps=100, steps_per_epoch=10)
   state = s.init()
-  step = pretrain_step.make_train_step(s.model, s.tx, s.schedule, config, mesh, s.shardings)
+  step = pretrain_step.make_train_step(task, s)
   history = []
   for batch in text_batches(config, num_steps):
     state, metrics = step(state, feed.to_global(batch, sharding.batch_sharding(mesh)))
@@ -135,13 +136,15 @@ def test_base_recipe_lowers_with_the_roberta_settings():
   assert (config.optim.b2, config.optim.eps, config.optim.weight_decay, config.mask.strategy) == (0.98, 1e-6, 0.01, 'bert')
   config.batch_size = 2  # per device on a pod; lowering only, nothing runs
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-  model, tx, schedule, _, abstract, shardings = pretrain_step.setup(config, mesh, 500_000, 1000)
+  task = tasks.build(config)
+  s = pretrain_step.setup(task, mesh, 500_000, 1000)
+  schedule, abstract = s.schedule, s.abstract
   np.testing.assert_allclose(float(schedule(24_000)) * 8192 / 2, 6e-4, rtol=1e-6)  # peak 6e-4 at batch 8192
   n = sum(x.size for x in jax.tree.leaves(abstract.params['encoder']))
   assert 109e6 < n < 111e6  # BERT-base with a 32k vocabulary and 512 positions
-  step = pretrain_step.make_train_step(model, tx, schedule, config, mesh, shardings)
-  batch = {k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding.batch_sharding(mesh))
-           for k, s in tasks.for_config(config).batch_spec(config, 2).items()}
+  step = pretrain_step.make_train_step(task, s)
+  batch = {k: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.batch_sharding(mesh))
+           for k, x in task.batch_spec(2).items()}
   _, metrics = step.lower(abstract, batch).out_info
   assert metrics['loss'].shape == () and metrics['accuracy'].shape == ()
 

@@ -3,7 +3,7 @@ import jax
 import numpy as np
 import pytest
 
-from simmim_jax import config_io, feed, pretrain_step, sharding
+from simmim_jax import config_io, feed, pretrain_step, sharding, tasks
 
 
 def tiny_config(**overrides):
@@ -15,9 +15,10 @@ def tiny_config(**overrides):
 def run_steps(config, devices, num_steps=2):
   """Runs the step on a mesh over `devices`; returns per-step losses and the final params on the host."""
   mesh = sharding.make_mesh(config.mesh, devices)
-  s = pretrain_step.setup(config, mesh, total_steps=100, steps_per_epoch=10)
+  task = tasks.build(config)
+  s = pretrain_step.setup(task, mesh, total_steps=100, steps_per_epoch=10)
   state = s.init()
-  step = pretrain_step.make_train_step(s.model, s.tx, s.schedule, config, mesh, s.shardings)
+  step = pretrain_step.make_train_step(task, s)
   rng = np.random.default_rng(0)
   losses = []
   for _ in range(num_steps):

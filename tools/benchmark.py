@@ -24,18 +24,19 @@ from simmim_jax import config_io, feed, flops, pretrain_step, sharding, tasks
 
 def benchmark(config, steps: int, warmup: int) -> dict[str, float]:
   """Compiles the step, runs `warmup` untimed steps, then times `steps` (blocking on the last)."""
-  mesh = sharding.make_mesh(config.mesh)
-  task = tasks.for_config(config)
-  model, tx, schedule, init, abstract, shardings = pretrain_step.setup(config, mesh, 10**6, 1000)
-  state = init()
-  train_step = pretrain_step.make_train_step(model, tx, schedule, config, mesh, shardings)
   config.data.name = 'synthetic'
-  batches = feed.prefetch(task.data(config).batches(0), sharding.batch_sharding(mesh))
+  mesh = sharding.make_mesh(config.mesh)
+  sharding.check_batch_size(config.batch_size, mesh, config.optim.accum_steps)
+  task = tasks.build(config)
+  s = pretrain_step.setup(task, mesh, 10**6, 1000)
+  state = s.init()
+  train_step = pretrain_step.make_train_step(task, s)
+  batches = feed.prefetch(task.data().batches(0), sharding.batch_sharding(mesh))
 
-  spec = task.batch_spec(config, config.batch_size)
-  masks = jax.eval_shape(lambda b: task.sample(config, jax.random.key(0), b), spec)
+  spec = task.batch_spec(config.batch_size)
+  masks = jax.eval_shape(lambda b: task.sample(jax.random.key(0), b), spec)
   step_flops = flops.train_flops(flops.forward_flops(
-      lambda p, b, m: model.apply({'params': p}, *task.model_inputs(config, b, m)), abstract.params, spec, masks))
+      lambda p, b, m: task.model.apply({'params': p}, *task.model_inputs(b, m)), s.abstract.params, spec, masks))
 
   start = time.perf_counter()
   for _ in range(warmup):
@@ -47,9 +48,9 @@ def benchmark(config, steps: int, warmup: int) -> dict[str, float]:
     state, metrics = train_step(state, next(batches))
   jax.block_until_ready(metrics)
   seconds = (time.perf_counter() - start) / steps
-  num_params = sum(x.size for x in jax.tree.leaves(abstract.params['encoder']))
-  examples = config.batch_size * (config.data.seq_len if task.name == 'text' else 1)
-  return {'params_M': num_params / 1e6, 'step_s': seconds, 'steps_per_s': 1 / seconds,
+  num_params = sum(x.size for x in jax.tree.leaves(s.abstract.params['encoder']))
+  examples = config.batch_size * max(task.tokens_per_example, 1)  # text counts tokens
+  return {'unit': 'tokens' if task.tokens_per_example else task.unit, 'params_M': num_params / 1e6, 'step_s': seconds, 'steps_per_s': 1 / seconds,
           'examples_per_s': examples / seconds, 'model_tflops_per_step': step_flops / 1e12,
           'achieved_tflops': step_flops / seconds / 1e12, 'warmup_s': compile_and_warmup}
 
@@ -93,9 +94,8 @@ def main() -> None:
     r = benchmark(config, args.steps, args.warmup)
     rows.append(r)
     size = f'seq {config.data.seq_len}' if text else f'{config.model.image_size}px'
-    unit = 'tokens/s' if text else 'images/s'
     name = f'{spec} [{config.model.name} {config.model.variant} {size}, batch {config.batch_size}, {config.model.dtype}]'
-    line = (f'{name}\n  params {r["params_M"]:.2f}M | {r["steps_per_s"]:.3f} steps/s | {r["examples_per_s"]:.1f} {unit}'
+    line = (f'{name}\n  params {r["params_M"]:.2f}M | {r["steps_per_s"]:.3f} steps/s | {r["examples_per_s"]:.1f} {r["unit"]}/s'
             f' | {r["model_tflops_per_step"]:.4f} model TFLOPs/step | {r["achieved_tflops"]:.3f} TFLOP/s achieved')
     if args.peak_tflops:
       line += f' | MFU {100 * flops.mfu(r["model_tflops_per_step"] * 1e12, r["step_s"], args.peak_tflops):.1f}%'

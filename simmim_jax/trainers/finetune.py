@@ -7,10 +7,10 @@ import jax
 import ml_collections
 
 from simmim_jax import checkpoint, feed, finetune_step, metrics, optim, params_io, pretrained, sharding
-from simmim_jax.data import classification, images
+from simmim_jax.data import classification, sources
 from simmim_jax.defaults import resolve_steps
 from simmim_jax.models.classifier import build_classifier
-from simmim_jax.trainers.pretrain import check_finite, log
+from simmim_jax.trainers.run import Run, log
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | None = None) -> dict[str, float]:
@@ -26,7 +26,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | N
   if config.optim.accum_steps != 1:
     raise ValueError('Fine-tuning does not accumulate gradients: set optim.accum_steps=1 and batch_size per step.')
   num_classes = config.num_classes or classification.num_classes(config.data)  # fails fast if data is missing
-  steps_per_epoch = max(images.num_examples(config.data) // config.batch_size, 1)
+  steps_per_epoch = max(sources.num_examples(config.data) // config.batch_size, 1)
   total_steps = resolve_steps(config, 'total', steps_per_epoch)
   eval_every = config.eval_every_steps or steps_per_epoch
   model = build_classifier(config, num_classes)
@@ -38,34 +38,26 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | N
   # ----------------------------------------------------------------------------------------------------
   # State: the latest checkpoint of this run; else the pretrained encoder (init_from) or random init.
   # ----------------------------------------------------------------------------------------------------
-  ckpt = checkpoint.Checkpointer(workdir, config.checkpoint)
-  best = checkpoint.Checkpointer(workdir, config.checkpoint, subdir='best', keep=1)
-  checkpoint.write_config(workdir, config)
-  start = ckpt.latest_step() or 0
-  best_top1 = best.restore_meta(best.latest_step())['eval']['top1'] if best.latest_step() else -1.0
-  if start:
-    state, _ = ckpt.restore(start, checkpoint.abstract_with_shardings(abstract, shardings))
-    log(f'Resumed from step {start} in {ckpt.directory}.')
-  elif config.init_from:
-    source = params_io.load_params(config.init_from)
-    encoder, report = pretrained.adapt_encoder(source, abstract.params['encoder'])
-    state = init(encoder)
+  def init_from() -> finetune_step.ClassifierState:
+    if not config.init_from:
+      log('No init_from: the encoder starts from random initialisation.')
+      return init()
+    encoder, report = pretrained.adapt_encoder(params_io.load_params(config.init_from), abstract.params['encoder'])
     log(f"Encoder from {config.init_from}: {len(jax.tree.leaves(encoder))} arrays; per-block tables copied from "
         f"the shared one: {len(report['copied'])}; resized: {len(report['resized'])}; dropped: "
         f"{', '.join(report['dropped']) or 'none'}.")
-  else:
-    state = init()
-    log('No init_from: the encoder starts from random initialisation.')
+    return init(encoder)
+
+  run = Run(workdir, config, total_steps, max_steps)
+  state = run.restore_or_init(abstract, shardings, init_from)
   num_params = sum(math.prod(p.shape) for p in jax.tree.leaves(abstract.params))
   log(f'{config.task} {config.model.name} {config.model.variant}: {num_params / 1e6:.2f}M parameters, '
       f'{num_classes} classes; mesh {dict(mesh.shape)}; {total_steps} steps of {config.batch_size} images '
       f'({steps_per_epoch} per epoch); evaluation every {eval_every} steps on {config.data.eval_split}.')
-  end = total_steps if max_steps is None else min(total_steps, start + max_steps)
-  if start >= end:
-    log(f'Nothing to do: the run is at step {start} of {total_steps}.')
-    ckpt.close()
-    best.close()
+  if run.nothing_to_do():
     return {}
+  best = checkpoint.Checkpointer(workdir, config.checkpoint, subdir='best', keep=1)
+  best_top1 = best.restore_meta(best.latest_step())['eval']['top1'] if best.latest_step() else -1.0
 
   # ----------------------------------------------------------------------------------------------------
   # Data: this process's slice of the training split (resumed at the step) and of the evaluation split.
@@ -73,7 +65,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | N
   local = config.batch_size // jax.process_count()
   batch_sharding = sharding.batch_sharding(mesh)
   batches = feed.prefetch(classification.train_batches(config.data, image_size=config.model.image_size,
-                                                       batch_size=local, seed=config.seed, start_batch=start),
+                                                       batch_size=local, seed=config.seed, start_batch=run.start),
                           batch_sharding, config.data.prefetch)
 
   def eval_batches():
@@ -88,14 +80,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | N
   eval_step = finetune_step.make_eval_step(model, mesh, shardings)
   writer = metrics.Writer(workdir, total_steps, config.batch_size)
   result: dict[str, Any] = {}
-  for step in range(start + 1, end + 1):
+  for step in run.steps():
     state, step_metrics = train_step(state, next(batches))
-    preempted = ckpt.reached_preemption(step)
-    save = step % config.checkpoint.every_steps == 0 or step == end or preempted
-    if step % config.log_every_steps == 0 or step in (start + 1, end):
+    logged = run.is_log_step(step)
+    if logged:
       writer.scalars(step, step_metrics)
-    if step % config.log_every_steps == 0 or step in (start + 1, end) or save:
-      check_finite(step, step_metrics, ckpt)  # never checkpoint a diverged state
     if step % eval_every == 0 or step == total_steps:
       result = finetune_step.evaluate(eval_step, state, eval_batches())
       writer.scalars(step, {f'eval_{k}': v for k, v in result.items()})
@@ -104,13 +93,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | N
         best.save(step, state, {'step': step, 'eval': result, 'config': checkpoint.config_dict(config)})
       log(f"eval at step {step}: top-1 {result['top1']:.4f}, top-5 {result['top5']:.4f}, loss "
           f"{result['loss']:.4f} over {result['count']} examples (best top-1 {best_top1:.4f})")
-    if save:
-      ckpt.save(step, state, {'step': step, 'config': checkpoint.config_dict(config)})
-    if preempted:
-      log(f'Preemption notice: saved step {step}; rerun the same command to resume.')
+    if run.after_step(step, state, step_metrics, {}, logged):
       break
-  for manager in (ckpt, best):
-    manager.wait()
-    manager.close()
+  run.close(best)
   writer.close()
   return result
