@@ -34,10 +34,7 @@ def load_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
   if stored is None:
     raise SystemExit(f'No config found with --checkpoint {args.checkpoint!r} (an .npz needs its .json beside it): '
                      'pass --config configs/<the recipe it was trained with>.py.')
-  config = ml_collections.ConfigDict(stored)
-  for key, value in (config_io._parse(item) for item in args.set):  # pylint: disable=protected-access
-    config_io._set(config, key, value)  # pylint: disable=protected-access
-  return config
+  return config_io.apply_overrides(ml_collections.ConfigDict(stored), args.set)
 
 
 def load_images(args: argparse.Namespace, config: ml_collections.ConfigDict) -> np.ndarray:
