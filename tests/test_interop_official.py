@@ -18,8 +18,8 @@ class CfgNode(dict):
 
 
 def official_state(family: str, finetune: bool, rng: np.random.Generator, num_classes: int = 5) -> dict:
-  """A state dict with the official SimMIM / Swin-Transformer key names and shapes (reference section 8; SwinV2 as
-  microsoft/Swin-Transformer's swin_transformer_v2.py) for the tiny variants,
+  """A state dict with the official SimMIM / Swin-Transformer key names and shapes (docs/REFERENCE.md section 8;
+  SwinV2 as microsoft/Swin-Transformer's swin_transformer_v2.py) for the tiny variants,
   random values, buffers included (filled with junk: an importer must ignore them)."""
   sd = {}
 

@@ -1,4 +1,4 @@
-"""Block masking: exact counts, block structure, uniform coverage (reference section 1)."""
+"""Block masking: exact counts, block structure, uniform coverage (docs/REFERENCE.md section 1)."""
 import jax
 import numpy as np
 import pytest

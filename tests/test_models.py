@@ -34,7 +34,7 @@ def test_pixels_inside_masked_patches_do_not_change_the_encoder_output(style):
 
 
 def vit_encoder_params_by_hand(width, depth, mlp, heads_, patch, grid, beit):
-  """The official SimMIM ViT's parameter count (reference section 8 shapes), or the plain ViT's."""
+  """The official SimMIM ViT's parameter count (docs/REFERENCE.md section 8 shapes), or the plain ViT's."""
   block = (width * 3 * width + (2 * width if beit else 3 * width)  # qkv (+ q/v biases or full bias)
            + width * width + width                                   # attn.proj
            + width * mlp + mlp + mlp * width + width                 # mlp.fc1, fc2

@@ -1,6 +1,6 @@
 """This package's params <-> the official PyTorch SimMIM checkpoints (microsoft/SimMIM, microsoft/Swin-Transformer).
 
-The released `.pth` files hold a state dict under 'model' (reference section 8):
+The released `.pth` files hold a state dict under 'model' (docs/REFERENCE.md section 8):
 - pretrained (SimMIM wrapper): `encoder.*` (with `encoder.mask_token`) and `decoder.0.{weight,bias}`;
   ViT-BEiT has one `encoder.rel_pos_bias.relative_position_bias_table`; Swin merges patches at a stage's end
   (`encoder.layers.{s}.downsample`, stages 0..S-2).

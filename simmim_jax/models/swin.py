@@ -1,6 +1,6 @@
 """Swin and SwinV2 encoders for SimMIM, with the semantics of microsoft/Swin-Transformer; one variant table.
 
-Parameter names follow the PyTorch state dict (reference section 8): `layers_{s}/blocks_{j}/attn/qkv` is
+Parameter names follow the PyTorch state dict (docs/REFERENCE.md section 8): `layers_{s}/blocks_{j}/attn/qkv` is
 `layers.{s}.blocks.{j}.attn.qkv`, `layers_{s}/downsample/reduction`, `patch_embed/proj`, `norm`, `mask_token`;
 SwinV2's `attn/cpb_mlp/0` and `attn/cpb_mlp/2` are `attn.cpb_mlp.0` and `attn.cpb_mlp.2`.
 """
