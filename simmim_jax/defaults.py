@@ -29,6 +29,12 @@ def pretrain_config() -> ml_collections.ConfigDict:
   c.model.window_size = 7  # swin only
   c.model.pretrained_window_sizes = config_dict.placeholder(tuple)  # swinv2 only; None: each stage's window
   c.model.dtype = 'float32'  # compute dtype; params and optimizer state stay float32
+  # 'auto': cuDNN flash attention where it applies (NVIDIA GPU, bf16/fp16, head dim % 8 == 0 and <= 128, a bias
+  # shared over the batch), XLA elsewhere; 'xla' always; 'cudnn' or an error saying why not.
+  c.model.attention = 'auto'
+  # Activation checkpointing per block: 'none', 'block' (recompute all), or a jax.checkpoint_policies name
+  # ('dots_saveable', 'dots_with_no_batch_dims_saveable', ...): trades step time for activation memory.
+  c.model.remat = 'none'
 
   c.mask = ml_collections.ConfigDict()
   c.mask.mask_ratio = 0.6
@@ -152,6 +158,8 @@ def text_pretrain_config() -> ml_collections.ConfigDict:
   c.model.mask_id = 3  # [MASK], as tools/train_tokenizer.py assigns it
   c.model.drop_path_rate = 0.1
   c.model.dtype = 'float32'
+  c.model.attention = 'auto'  # as the image models
+  c.model.remat = 'none'
 
   c.mask = ml_collections.ConfigDict()
   c.mask.mask_ratio = 0.15  # of each row's real tokens (ceil), as BERT

@@ -6,15 +6,21 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from simmim_jax.models import heads, text, vit
+from simmim_jax.models import heads, layers, text, vit
 
 
 def build_encoder(model: ml_collections.ConfigDict) -> nn.Module:
   """The encoder named by model.name, its sizes decoded from model.variant."""
   dtype = jnp.dtype(model.dtype)
+  # Configs saved before these fields build with their defaults.
+  attention, remat = model.get('attention', 'auto'), model.get('remat', 'none')
+  if attention not in layers.ATTENTION_CHOICES:
+    raise ValueError(f'model.attention must be one of {layers.ATTENTION_CHOICES}, got {attention!r}.')
+  if remat not in layers.REMAT_CHOICES:
+    raise ValueError(f'model.remat must be one of {layers.REMAT_CHOICES}, got {remat!r}.')
   if model.name == 'vit':
     return vit.ViT(**vit.decode_variant(model.variant), image_size=model.image_size, style=model.style,
-                   drop_path_rate=model.drop_path_rate, dtype=dtype)
+                   drop_path_rate=model.drop_path_rate, dtype=dtype, attention=attention, remat=remat)
   if model.name in ('swin', 'swinv2'):
     from simmim_jax.models import swin  # pylint: disable=import-outside-toplevel
     return swin.build(model, dtype)

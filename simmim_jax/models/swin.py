@@ -85,17 +85,20 @@ def gather_bias(table: jax.Array, window: int) -> jax.Array:
 
 
 class WindowAttention(layers.Attention):
-  """Swin V1 window attention: the shared attention plus a learned relative position table per block."""
+  """Swin V1 window attention on (batch, windows, n, c): the shared attention plus a learned relative
+  position table per block."""
   window: int = 7
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: np.ndarray | None = None) -> jax.Array:
     rows = (2 * self.window - 1)**2
     table = self.param('relative_position_bias_table', layers.trunc_init, (rows, self.num_heads))
-    bias = gather_bias(table, self.window)
-    if mask is not None:  # windows are ordered (image, window): repeat the per-window mask for each image
-      bias = jnp.tile(bias[None] + mask[:, None], (x.shape[0] // mask.shape[0], 1, 1, 1))
-    return super().__call__(x, bias)
+    bias = gather_bias(table, self.window)  # (heads, n, n), shared by every window of every image
+    if mask is None:
+      return super().__call__(x, bias)
+    # The shift mask (windows, 1, n, n) is its own term: it broadcasts over images and heads inside the
+    # logits, and the table's gradient is summed over images and windows in one pass (no tiled bias).
+    return super().__call__(x, (bias, mask[:, None]))
 
 
 class ContinuousPositionBias(nn.Module):
@@ -121,25 +124,26 @@ class CosineWindowAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: np.ndarray | None = None) -> jax.Array:
-    b, n, c = x.shape
+    *lead, n, c = x.shape  # (batch, windows, n, c)
     heads = self.num_heads
     qkv = nn.Dense(3 * c, use_bias=False, dtype=self.dtype, kernel_init=layers.trunc_init, name='qkv')(x)
     q_bias = self.param('q_bias', nn.initializers.zeros, (c,))
     v_bias = self.param('v_bias', nn.initializers.zeros, (c,))
     qkv = qkv + jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias]).astype(qkv.dtype)
-    q, k, v = (t[:, :, 0] for t in jnp.split(qkv.reshape(b, n, 3, heads, c // heads), 3, axis=2))
+    qkv = qkv.reshape(*lead, n, 3, heads, c // heads)
+    q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
 
     def unit(t: jax.Array) -> jax.Array:  # F.normalize: eps guards all-zero vectors
       t = t.astype(jnp.float32)
       return t / jnp.maximum(jnp.linalg.norm(t, axis=-1, keepdims=True), 1e-12)
 
     logit_scale = self.param('logit_scale', nn.initializers.constant(np.log(10.0)), (heads, 1, 1))
-    logits = jnp.einsum('bqhd,bkhd->bhqk', unit(q), unit(k)) * jnp.exp(jnp.minimum(logit_scale, MAX_LOGIT_SCALE))
-    logits = logits + ContinuousPositionBias(heads, self.window, self.pretrained_window, name='cpb_mlp')()
-    if mask is not None:
-      logits = (logits.reshape(-1, mask.shape[0], heads, n, n) + mask[:, None]).reshape(b, heads, n, n)
-    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    out = jnp.einsum('bhqk,bkhd->bqhd', probs, v).reshape(b, n, c)
+    # cos(q, k) * scale: the per-head scale goes on the unit queries (float32), the dot runs unscaled.
+    scaled_q = unit(q) * jnp.exp(jnp.minimum(logit_scale, MAX_LOGIT_SCALE)).reshape(heads, 1)
+    bias = ContinuousPositionBias(heads, self.window, self.pretrained_window, name='cpb_mlp')()
+    terms = (bias,) if mask is None else (bias, mask[:, None])
+    # Always the XLA path: cosine logits in float32 are not a cuDNN flash attention call.
+    out = layers.xla_attention(scaled_q, unit(k), v, terms, scale=1.0).reshape(*lead, n, c)
     return nn.Dense(c, dtype=self.dtype, kernel_init=layers.trunc_init, name='proj')(out)
 
 
@@ -157,10 +161,11 @@ class SwinBlock(nn.Module):
   pretrained_window: int = 0
   drop_path: float = 0.0
   dtype: Any = jnp.float32
+  attention: str = 'auto'  # model.attention (V1 only; V2's cosine attention is always XLA)
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    _, h, w, c = x.shape
+    b, h, w, c = x.shape
     drop = layers.DropPath(self.drop_path)
     y = x if self.v2 else layers.layer_norm(NORM_EPS, 'norm1')(x).astype(self.dtype)
     if self.shift:
@@ -169,9 +174,11 @@ class SwinBlock(nn.Module):
     if self.v2:
       attn = CosineWindowAttention(self.num_heads, self.window, self.pretrained_window, self.dtype, name='attn')
     else:
-      attn = WindowAttention(self.num_heads, kernel_init=layers.trunc_init, dtype=self.dtype, window=self.window,
-                             name='attn')
-    y = window_reverse(attn(window_partition(y, self.window), mask), self.window, (h, w))
+      attn = WindowAttention(self.num_heads, kernel_init=layers.trunc_init, dtype=self.dtype,
+                             implementation=self.attention, window=self.window, name='attn')
+    n = self.window * self.window
+    windows = window_partition(y, self.window).reshape(b, -1, n, c)  # (batch, windows, n, c): a free reshape
+    y = window_reverse(attn(windows, mask).reshape(-1, n, c), self.window, (h, w))
     if self.shift:
       y = jnp.roll(y, (self.shift, self.shift), axis=(1, 2))
     mlp = layers.Mlp(MLP_RATIO * c, layers.trunc_init, dtype=self.dtype, name='mlp')
@@ -222,6 +229,8 @@ class SwinStage(nn.Module):
   v2: bool = False
   pretrained_window: int = 0
   dtype: Any = jnp.float32
+  attention: str = 'auto'
+  remat: str = 'none'
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -230,9 +239,10 @@ class SwinStage(nn.Module):
     if grid[0] % window or grid[1] % window:
       raise ValueError(f'A Swin stage of {grid[0]}x{grid[1]} tokens cannot be tiled by {window}x{window} windows: '
                        'choose model.window_size and model.image_size so every stage divides evenly.')
+    block = layers.remat(SwinBlock, self.remat, static_argnums=(2,))  # (self, x, train)
     for j in range(self.depth):
-      x = SwinBlock(self.num_heads, window, shift if j % 2 else 0, self.v2, self.pretrained_window,
-                    self.drop_paths[j], self.dtype, name=f'blocks_{j}')(x, train)
+      x = block(self.num_heads, window, shift if j % 2 else 0, self.v2, self.pretrained_window,
+                self.drop_paths[j], self.dtype, self.attention, name=f'blocks_{j}')(x, train)
     if self.downsample:
       x = PatchMerging(self.v2, self.dtype, name='downsample')(x)
     return x
@@ -253,6 +263,8 @@ class Swin(nn.Module):
   drop_path_rate: float = 0.0
   patch_size: int = 4
   dtype: Any = jnp.float32
+  attention: str = 'auto'  # model.attention: 'auto' | 'xla' | 'cudnn' (V1; SwinV2 runs XLA)
+  remat: str = 'none'  # model.remat: 'none' | 'block' | a jax.checkpoint_policies name
 
   # Official exemptions (no_weight_decay + SimMIM's mask_token, and SwinV2's no_weight_decay_keywords).
   no_weight_decay: ClassVar[tuple[str, ...]] = (
@@ -266,6 +278,8 @@ class Swin(nn.Module):
   @nn.compact
   def __call__(self, images: jax.Array, mask: jax.Array | None = None, train: bool = False) -> jax.Array:
     stages = len(self.depths)
+    if self.v2 and self.attention == 'cudnn':
+      raise ValueError("SwinV2's cosine attention runs on XLA: use model.attention 'auto' or 'xla'.")
     pretrained = self.pretrained_window_sizes or (0,) * stages
     if len(self.num_heads) != stages or len(pretrained) != stages:
       raise ValueError(f'Swin needs one num_heads and one pretrained_window_size per stage ({stages}); got '
@@ -285,7 +299,7 @@ class Swin(nn.Module):
       first = sum(self.depths[:s])
       x = SwinStage(depth, self.num_heads[s], self.window_size, tuple(float(r) for r in rates[first:first + depth]),
                     downsample=s < stages - 1, v2=self.v2, pretrained_window=pretrained[s], dtype=self.dtype,
-                    name=f'layers_{s}')(x, train)
+                    attention=self.attention, remat=self.remat, name=f'layers_{s}')(x, train)
     return layers.layer_norm(NORM_EPS, 'norm')(x)
 
 
@@ -294,4 +308,5 @@ def build(model: ml_collections.ConfigDict, dtype: Any) -> Swin:
   pretrained = model.get('pretrained_window_sizes', None)  # configs saved before the field
   return Swin(**decode_variant(model.variant), window_size=model.window_size, v2=model.name == 'swinv2',
               pretrained_window_sizes=tuple(pretrained) if pretrained else None,
-              drop_path_rate=model.drop_path_rate, dtype=dtype)
+              drop_path_rate=model.drop_path_rate, dtype=dtype, attention=model.get('attention', 'auto'),
+              remat=model.get('remat', 'none'))

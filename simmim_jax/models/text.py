@@ -61,13 +61,17 @@ class TextEncoder(nn.Module):
   mask_id: int = 3
   drop_path_rate: float = 0.0
   dtype: Any = jnp.float32
+  attention: str = 'auto'  # model.attention (layers.select_attention)
+  remat: str = 'none'  # model.remat (layers.remat)
 
   no_weight_decay: ClassVar[tuple[str, ...]] = ()  # as BERT: only norms and biases (1-d) are exempt
 
   def setup(self):
     self.embedding = nn.Embed(self.vocab_size, self.width, dtype=self.dtype, embedding_init=layers.trunc_init)
     self.pos_embed = self.param('pos_embed', layers.trunc_init, (self.max_len, self.width))
-    self.blocks = [layers.Block(self.num_heads, self.mlp_dim, drop_path=float(rate), dtype=self.dtype)
+    block = layers.remat(layers.Block, self.remat, static_argnums=(3,))  # (self, x, bias, train)
+    self.blocks = [block(self.num_heads, self.mlp_dim, drop_path=float(rate), dtype=self.dtype,
+                         attention=self.attention)
                    for rate in np.linspace(0, self.drop_path_rate, self.depth)]
     self.norm = layers.layer_norm(1e-6)
 
@@ -104,4 +108,5 @@ class MaskedLM(nn.Module):
 def build(model, dtype) -> TextEncoder:
   """The encoder for a config.model with name 'text'."""
   return TextEncoder(**decode_variant(model.variant), vocab_size=model.vocab_size, max_len=model.max_len,
-                     mask_id=model.mask_id, drop_path_rate=model.drop_path_rate, dtype=dtype)
+                     mask_id=model.mask_id, drop_path_rate=model.drop_path_rate, dtype=dtype,
+                     attention=model.get('attention', 'auto'), remat=model.get('remat', 'none'))

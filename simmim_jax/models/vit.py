@@ -51,6 +51,8 @@ class ViT(nn.Module):
   dtype: Any = jnp.float32
   rel_pos: str = 'shared'  # beit only: one table for all blocks (pretraining) or 'per_block' (fine-tuning)
   final_norm: bool = True
+  attention: str = 'auto'  # model.attention: 'auto' | 'xla' | 'cudnn' (layers.select_attention)
+  remat: str = 'none'  # model.remat: 'none' | 'block' | a jax.checkpoint_policies name (layers.remat)
 
   # Official no-weight-decay names; the ViT mask_token and relative-position table DO get decay there.
   no_weight_decay: ClassVar[tuple[str, ...]] = ('pos_embed', 'cls_token')
@@ -89,12 +91,13 @@ class ViT(nn.Module):
     else:
       x = x + self.param('pos_embed', init, (1, gh * gw + 1, c)).astype(x.dtype)
 
+    block = layers.remat(layers.Block, self.remat, static_argnums=(3,))  # (self, x, bias, train)
     for i, rate in enumerate(np.linspace(0, self.drop_path_rate, self.depth)):
       residual_init = layers.scaled_init(init, np.sqrt(2.0 * (i + 1))) if beit else None
-      x = layers.Block(self.num_heads, self.mlp_dim, qkv_bias='qv' if beit else 'full',
-                       layer_scale=0.1 if beit else None, drop_path=float(rate), kernel_init=init,
-                       residual_init=residual_init, dtype=self.dtype, rel_pos_grid=block_grid,
-                       name=f'blocks_{i}')(x, bias, train)
+      x = block(self.num_heads, self.mlp_dim, qkv_bias='qv' if beit else 'full',
+                layer_scale=0.1 if beit else None, drop_path=float(rate), kernel_init=init,
+                residual_init=residual_init, dtype=self.dtype, rel_pos_grid=block_grid,
+                attention=self.attention, name=f'blocks_{i}')(x, bias, train)
     if self.final_norm:
       x = layers.layer_norm(1e-6, 'norm')(x)
     return x[:, 1:].reshape(b, gh, gw, c)
