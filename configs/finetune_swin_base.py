@@ -3,8 +3,8 @@
 Command:  python -m simmim_jax.main --config=configs/finetune_swin_base.py:224 --workdir=/mnt/runs/swin_b_ft \
             --config.init_from=/mnt/runs/swin_b_800ep --config.data.data_dir=DIR_WITH_PREPARED_imagenet2012
           The argument is the fine-tuning resolution and the pretraining length: 192 (window 6), 224 (window 7,
-          the pretrained 6x6 relative tables are resized bicubically), with ',800' after 800 pretraining epochs
-          (layer decay 0.8 instead of 0.9). Default: 224,800.
+          the pretrained window-6 relative tables are resized as SimMIM's loader does: rel_pos_resize), with
+          ',800' after 800 pretraining epochs (layer decay 0.8 instead of 0.9). Default: 224,800.
 Runtime:  100 epochs = 62.5k steps at batch 2048 (~46 GFLOPs per image at 224 px).
 Expected: top-1 on ImageNet-1K validation (reference section 6): 100-epoch pretraining: 82.8 at 192 px,
           83.5 at 224 px; 800-epoch pretraining: 84.0 at 224 px (a reproduction got 82.7 / 83.5 / 83.8).

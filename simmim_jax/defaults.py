@@ -28,6 +28,10 @@ def pretrain_config() -> ml_collections.ConfigDict:
   c.model.drop_path_rate = 0.1
   c.model.window_size = 7  # swin only
   c.model.pretrained_window_sizes = config_dict.placeholder(tuple)  # swinv2 only; None: each stage's window
+  # swin/swinv2: the official pretraining DOES decay relative_position_bias_table (and SwinV2's cpb_mlp and
+  # logit_scale): its SimMIM wrapper prefixes the keywords with 'encoder.', so they never match. True exempts
+  # them in pretraining too; fine-tuning always exempts them.
+  c.model.exempt_keywords_in_pretraining = False
   c.model.dtype = 'float32'  # compute dtype; params and optimizer state stay float32
   # 'auto': cuDNN flash attention where it applies (NVIDIA GPU, bf16/fp16, head dim % 8 == 0 and <= 128, a bias
   # shared over the batch), XLA elsewhere; 'xla' always; 'cudnn' or an error saying why not.
@@ -70,6 +74,7 @@ def pretrain_config() -> ml_collections.ConfigDict:
   c.optim.milestone_epochs = (700.0,)  # multistep; or milestone_steps
   c.optim.milestone_steps = config_dict.placeholder(tuple)
   c.optim.gamma = 0.1
+  c.optim.lr_lag = 1  # update k uses the schedule at k - 1 (warmup_lr at k = 0): the official scheduler steps after the optimizer
   c.optim.weight_decay = 0.05
   c.optim.b1 = 0.9
   c.optim.b2 = 0.999
@@ -112,6 +117,9 @@ def finetune_config() -> ml_collections.ConfigDict:
     del c[name]
   c.task = 'finetune'  # finetune | linear_probe
   c.init_from = config_dict.placeholder(str)  # pretraining workdir, checkpoint step dir or .npz; None: random init
+  # How init_from's relative position tables follow a new window (6 -> 7, 12 -> 14): 'geometric' is SimMIM's
+  # loader (geometric-progression offsets, cubic spline); 'bicubic' is the Swin-Transformer repository's.
+  c.rel_pos_resize = 'geometric'
   c.num_classes = config_dict.placeholder(int)  # None: from the dataset
   c.total_epochs = 100.0
   c.eval_every_steps = config_dict.placeholder(int)  # None: once per epoch (and at the end)
@@ -176,6 +184,8 @@ def text_pretrain_config() -> ml_collections.ConfigDict:
   c.data.seq_len = 512
   c.data.cache_dir = config_dict.placeholder(str)  # tokenised documents saved here and reused; None: in memory
   c.data.prefetch = 2
+
+  c.optim.lr_lag = 0  # BERT and RoBERTa (fairseq) run update k at the schedule's value at k
 
   c.eval_every_steps = 10_000
   c.eval_batches = config_dict.placeholder(int)  # None: the whole held-out split (this process's share)

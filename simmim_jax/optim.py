@@ -3,6 +3,11 @@
 Learning rates in the config are per 512 images; base, warmup and min LR are each multiplied by
 batch_size / 512 with batch_size the effective global batch (micro-batch x accumulation steps), as the
 official code does.
+
+Clipping with gradient accumulation: the official loop (main_simmim.py, main_finetune.py) calls
+clip_grad_norm_ after every micro-batch's backward, so it clips each partial sum of the accumulated gradient.
+Here the full accumulated gradient is clipped once, which is what the same batch without accumulation gets:
+the correct large-batch equivalent, kept on purpose (the reference runs do not accumulate).
 """
 import re
 from typing import Any, Callable, Sequence
@@ -14,7 +19,7 @@ import optax
 
 from simmim_jax.defaults import resolve_steps
 
-Schedule = Callable[..., jax.Array]  # schedule(step, peak_scale=1.0) -> learning rate
+Schedule = Callable[..., jax.Array]  # schedule(step, peak_scale=1.0) -> the learning rate of update `step`
 
 
 def lr_schedule(optim: ml_collections.ConfigDict, *, total_steps: int, steps_per_epoch: int,
@@ -27,7 +32,16 @@ def lr_schedule(optim: ml_collections.ConfigDict, *, total_steps: int, steps_per
 
   peak_scale multiplies only the peak (base) LR: layer-wise decay groups share the warmup start and the
   cosine floor, as the official fine-tuning code builds one scheduler per group on scaled base LRs.
+
+  Timing (optim.lr_lag, 1 by default): the official loop calls lr_scheduler.step_update(k) after
+  optimizer.step() of iteration k, so update k runs at f(k - 1), and update 0 at the LR the scheduler set
+  when it was built (warmup_lr, = f(0)). schedule(k) is the LR of update k: f(max(k - lr_lag, 0)).
+  lr_lag=0 is update k at f(k) (BERT, RoBERTa). With accumulation the lag counts optimizer steps; the
+  official scheduler counts micro-batches there (f(k - 1/accum_steps) in optimizer steps).
   """
+  lag = int(optim.get('lr_lag', 1))  # configs saved before the field: the official timing
+  if lag < 0:
+    raise ValueError(f'optim.lr_lag must be 0 or more, got {lag}.')
   scale = batch_size / 512
   base_lr, warmup_lr, min_lr = optim.base_lr * scale, optim.warmup_lr * scale, optim.min_lr * scale
   warmup = resolve_steps(optim, 'warmup', steps_per_epoch)
@@ -54,7 +68,7 @@ def lr_schedule(optim: ml_collections.ConfigDict, *, total_steps: int, steps_per
     raise ValueError(f"optim.schedule must be 'cosine', 'linear' or 'multistep', got {optim.schedule!r}.")
 
   def schedule(step: jax.Array, peak_scale: float | jax.Array = 1.0) -> jax.Array:
-    t = jnp.asarray(step, jnp.float32)
+    t = jnp.maximum(jnp.asarray(step, jnp.float32) - lag, 0.0)
     base = base_lr * peak_scale
     warm = warmup_lr + (base - warmup_lr) * t / max(warmup, 1)
     return jnp.where(t < warmup, warm, after_warmup(t, base))
@@ -81,7 +95,8 @@ def decay_mask(params, no_decay_names: Sequence[str]):
 
 def make_optimizer(optim: ml_collections.ConfigDict, schedule: Schedule, no_decay_names: Sequence[str],
                    peak_scales: Any = None) -> optax.GradientTransformation:
-  """clip_by_global_norm(clip_grad) -> AdamW(schedule) with the decay mask.
+  """clip_by_global_norm(clip_grad) -> AdamW(schedule) with the decay mask (one clip of the whole
+  accumulated gradient: see the module docstring).
 
   peak_scales (a tree of floats like the params, from layer_decay_scales) gives each parameter the schedule
   of its layer-decay group; optax.adamw is exactly scale_by_adam -> add_decayed_weights -> -lr, so only the

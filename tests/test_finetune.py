@@ -81,7 +81,7 @@ def test_layer_decay_table_equals_the_reference(name, variant, size, decay):
 
 def test_groups_share_warmup_start_and_floor_and_scale_only_the_peak():
   config = classifier_config('vit', 'B/16', 224)
-  config.optim.warmup_steps, config.optim.warmup_epochs = 10, None
+  config.optim.warmup_steps, config.optim.warmup_epochs, config.optim.lr_lag = 10, None, 0  # f itself
   schedule = optim.lr_schedule(config.optim, total_steps=100, steps_per_epoch=10, batch_size=512)
   base, warmup_lr, min_lr = config.optim.base_lr, config.optim.warmup_lr, config.optim.min_lr
   for s in (1.0, 0.65**13):
@@ -92,13 +92,14 @@ def test_groups_share_warmup_start_and_floor_and_scale_only_the_peak():
 
 
 def test_relative_table_resize_is_exact_when_unchanged_and_accurate_on_a_smooth_table():
+  """The 'bicubic' resize (Swin-Transformer's loader); SimMIM's default one: tests/test_official_recipe.py."""
   table = np.random.default_rng(0).standard_normal((11 * 11 + 3, 4)).astype(np.float32)
   assert pretrained.resize_relative_table(table, 124, extra=3) is table
   f = lambda y, x: np.cos(y / 4.0) + np.sin(x / 5.0) + 0.02 * x * y
   src, dst = 11, 13
   ys, xs = np.meshgrid(np.arange(src), np.arange(src), indexing='ij')
   smooth = np.stack([f(ys, xs), 2 * f(xs, ys)], axis=-1).reshape(-1, 2)
-  resized = pretrained.resize_relative_table(smooth, dst * dst, extra=0).reshape(dst, dst, 2)
+  resized = pretrained.resize_relative_table(smooth, dst * dst, extra=0, method='bicubic').reshape(dst, dst, 2)
   coord = (np.arange(dst) + 0.5) * src / dst - 0.5  # where each output sample sits on the input grid
   cy, cx = np.meshgrid(coord, coord, indexing='ij')
   truth = np.stack([f(cy, cx), 2 * f(cx, cy)], axis=-1)
@@ -107,14 +108,15 @@ def test_relative_table_resize_is_exact_when_unchanged_and_accurate_on_a_smooth_
   inner = slice(2, -2)
   np.testing.assert_allclose(resized[inner, inner], truth[inner, inner], atol=0.01 * np.ptp(truth))
   assert np.abs(resized - truth).max() < 0.02 * np.ptp(truth)
-  kept = pretrained.resize_relative_table(np.concatenate([smooth, np.ones((3, 2))]), dst * dst + 3, extra=3)
+  kept = pretrained.resize_relative_table(np.concatenate([smooth, np.ones((3, 2))]), dst * dst + 3, extra=3,
+                                          method='bicubic')
   np.testing.assert_array_equal(kept[-3:], np.ones((3, 2)))
 
 
 def test_resize_equals_torch_bicubic():
   torch = pytest.importorskip('torch')
   table = np.random.default_rng(1).standard_normal((11 * 11, 3)).astype(np.float32)
-  ours = pretrained.resize_relative_table(table, 13 * 13, extra=0)
+  ours = pretrained.resize_relative_table(table, 13 * 13, extra=0, method='bicubic')
   theirs = torch.nn.functional.interpolate(torch.from_numpy(table).T.reshape(1, 3, 11, 11), size=(13, 13),
                                            mode='bicubic', align_corners=False)
   np.testing.assert_allclose(ours, theirs.reshape(3, -1).T.numpy(), atol=1e-5)
@@ -184,6 +186,7 @@ def test_evaluation_counts_each_example_once_on_8_devices_as_on_1(tmp_path):
     ('finetune_vit_base.py', 'vit', 224, 7, 0.65),
     ('finetune_swin_base.py:192', 'swin', 192, 6, 0.9),
     ('finetune_swin_base.py:224,800', 'swin', 224, 7, 0.8),
+    ('finetune_swin_large.py', 'swin', 224, 14, 0.7),
 ])
 def test_finetune_recipe_lowers_at_the_real_per_device_batch(spec, name, size, window, decay):
   config = config_io.load_config(f'configs/{spec}')

@@ -1,4 +1,7 @@
-"""LR schedules (official per-iteration semantics), LR scaling, weight-decay rules, AdamW + clipping."""
+"""LR schedules (official per-iteration semantics), LR scaling, weight-decay rules, AdamW + clipping.
+
+The schedule tests here check the shape f(t) (optim.lr_lag=0); the official timing, update k at f(k - 1),
+is checked against a hand-written official loop in tests/test_official_recipe.py."""
 import math
 
 import jax
@@ -22,7 +25,7 @@ def timm_cosine(t, base, warmup_lr, min_lr, warmup_t, t_initial, warmup_prefix):
 
 def test_cosine_matches_timm_semantics_and_scales_by_batch():
   o = defaults.pretrain_config().optim
-  o.update(schedule='cosine', base_lr=2e-4, warmup_lr=1e-6, min_lr=1e-5, warmup_epochs=10.0)
+  o.update(schedule='cosine', base_lr=2e-4, warmup_lr=1e-6, min_lr=1e-5, warmup_epochs=10.0, lr_lag=0)
   spe, total, batch = 7, 700, 2048
   schedule = optim.lr_schedule(o, total_steps=total, steps_per_epoch=spe, batch_size=batch)
   s = batch / 512
@@ -40,6 +43,7 @@ def test_cosine_matches_timm_semantics_and_scales_by_batch():
 
 def test_multistep_with_warmup():
   o = defaults.pretrain_config().optim  # the ViT-B recipe: 1e-4, warmup 5e-7 for 10 epochs, x0.1 at 700
+  o.lr_lag = 0
   spe = 3
   schedule = optim.lr_schedule(o, total_steps=800 * spe, steps_per_epoch=spe, batch_size=512)
   np.testing.assert_allclose(float(schedule(0)), 5e-7, rtol=1e-6)
@@ -54,7 +58,7 @@ def test_multistep_with_warmup():
 
 def test_linear_decay_after_warmup():
   o = defaults.pretrain_config().optim
-  o.update(schedule='linear', base_lr=1e-3, warmup_lr=0.0, min_lr=1e-4, warmup_steps=10, warmup_epochs=None)
+  o.update(schedule='linear', base_lr=1e-3, warmup_lr=0.0, min_lr=1e-4, warmup_steps=10, warmup_epochs=None, lr_lag=0)
   schedule = optim.lr_schedule(o, total_steps=110, steps_per_epoch=1, batch_size=512)
   want = lambda t: t / 10 * 1e-3 if t < 10 else 1e-3 + (1e-4 - 1e-3) * (t - 10) / 100
   for t in (0, 5, 10, 35, 60, 109, 110, 200):

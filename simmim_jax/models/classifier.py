@@ -1,9 +1,10 @@
 """Fine-tuning and linear-probe models: an encoder, mean pooling over its patch tokens, a linear head.
 
 ViT follows the official BEiT-style fine-tuning (and timm Beit with use_fc_norm): a relative position table
-in every block, no final norm, mean pooling then a fresh `fc_norm`, head init trunc-normal(0.02) x 0.001.
-Swin keeps its final norm, mean pools and applies the head (trunc-normal 0.02, bias 0). Params:
-{'encoder': ..., 'fc_norm': ... (ViT only), 'head': {'kernel', 'bias'}}.
+in every block, no final norm, mean pooling then a fresh `fc_norm`, head init HEAD_INIT x 0.001 (bias 0).
+Swin keeps its final norm, mean pools and applies the head (HEAD_INIT, bias 0); its relative position tables
+(SwinV2: cpb_mlp, logit_scale) are exempt from weight decay, as the official fine-tuning optimizer has them.
+Params: {'encoder': ..., 'fc_norm': ... (ViT only), 'head': {'kernel', 'bias'}}.
 """
 import flax.linen as nn
 import jax
@@ -11,6 +12,11 @@ import jax.numpy as jnp
 import ml_collections
 
 from simmim_jax.models import build_encoder, layers
+
+# timm's trunc_normal_(std=.02) with its default ABSOLUTE cut-offs a=-2, b=2 (100 std): the official
+# fine-tuning head, before x0.001. Not the ViT's +-1 std rule, which only the SimMIM pretraining ViT applies.
+HEAD_INIT = nn.initializers.truncated_normal(0.02, lower=-2.0 / 0.02, upper=2.0 / 0.02)
+HEAD_INIT_SCALE = 0.001  # the official VisionTransformer's init_scale on head weight and bias
 
 
 class Classifier(nn.Module):
@@ -22,7 +28,7 @@ class Classifier(nn.Module):
   encoder: nn.Module
   num_classes: int
   fc_norm: bool = False
-  head_init: layers.Initializer = layers.trunc_init
+  head_init: layers.Initializer = HEAD_INIT
   frozen: bool = False
   batch_norm: bool = False
 
@@ -53,9 +59,10 @@ def build_classifier(config: ml_collections.ConfigDict, num_classes: int) -> Cla
         raise ValueError(f'probe.block={block} must be in 1..{encoder.depth} (the ViT depth).')
       overrides['depth'] = block  # the first `block` blocks; later pretrained blocks are not loaded
     encoder = encoder.clone(**overrides)
-    head_init = layers.scaled_init(layers.beit_init if beit else layers.trunc_init, 1000.0)
+    head_init = layers.scaled_init(HEAD_INIT, 1.0 / HEAD_INIT_SCALE)  # the bias is 0, so x0.001 leaves it 0
     return Classifier(encoder, num_classes, fc_norm=not probe, head_init=head_init, frozen=probe,
                       batch_norm=probe and config.probe.batch_norm)
   if block is not None:
     raise ValueError('probe.block selects a ViT block; for Swin leave it None (the final stage is probed).')
+  encoder = encoder.clone(exempt_keywords=True)  # the official fine-tuning optimizer sees the bare encoder
   return Classifier(encoder, num_classes, frozen=probe, batch_norm=probe and config.probe.batch_norm)

@@ -265,10 +265,19 @@ class Swin(nn.Module):
   dtype: Any = jnp.float32
   attention: str = 'auto'  # model.attention: 'auto' | 'xla' | 'cudnn' (V1; SwinV2 runs XLA)
   remat: str = 'none'  # model.remat: 'none' | 'block' | a jax.checkpoint_policies name
+  exempt_keywords: bool = False  # True: NO_DECAY_KEYWORDS get no weight decay (fine-tuning; see no_weight_decay)
 
-  # Official exemptions (no_weight_decay + SimMIM's mask_token, and SwinV2's no_weight_decay_keywords).
-  no_weight_decay: ClassVar[tuple[str, ...]] = (
-      'absolute_pos_embed', 'mask_token', 'relative_position_bias_table', 'cpb_mlp', 'logit_scale')
+  # The official no_weight_decay (+ SimMIM's mask_token) and no_weight_decay_keywords (V1: the tables; V2 adds
+  # cpb_mlp and logit_scale).
+  NO_DECAY_NAMES: ClassVar[tuple[str, ...]] = ('absolute_pos_embed', 'mask_token')
+  NO_DECAY_KEYWORDS: ClassVar[tuple[str, ...]] = ('relative_position_bias_table', 'cpb_mlp', 'logit_scale')
+
+  @property
+  def no_weight_decay(self) -> tuple[str, ...]:
+    """Names AdamW does not decay (besides 1-d params). The official pretraining DOES decay the keyword
+    params: its SimMIM wrapper prefixes the keywords with 'encoder.', so no parameter name contains them.
+    Fine-tuning builds the bare encoder, where they match; build_classifier sets exempt_keywords."""
+    return self.NO_DECAY_NAMES + (self.NO_DECAY_KEYWORDS if self.exempt_keywords else ())
 
   @property
   def stride(self) -> int:
@@ -309,4 +318,5 @@ def build(model: ml_collections.ConfigDict, dtype: Any) -> Swin:
   return Swin(**decode_variant(model.variant), window_size=model.window_size, v2=model.name == 'swinv2',
               pretrained_window_sizes=tuple(pretrained) if pretrained else None,
               drop_path_rate=model.drop_path_rate, dtype=dtype, attention=model.get('attention', 'auto'),
-              remat=model.get('remat', 'none'))
+              remat=model.get('remat', 'none'),
+              exempt_keywords=bool(model.get('exempt_keywords_in_pretraining', False)))

@@ -54,7 +54,8 @@ class ViT(nn.Module):
   attention: str = 'auto'  # model.attention: 'auto' | 'xla' | 'cudnn' (layers.select_attention)
   remat: str = 'none'  # model.remat: 'none' | 'block' | a jax.checkpoint_policies name (layers.remat)
 
-  # Official no-weight-decay names; the ViT mask_token and relative-position table DO get decay there.
+  # Official no-weight-decay names. The official ViT has no keyword exemptions, so its mask_token and relative
+  # position tables DO get decay, in pretraining and in fine-tuning (per-block tables) alike.
   no_weight_decay: ClassVar[tuple[str, ...]] = ('pos_embed', 'cls_token')
 
   @property
@@ -70,13 +71,15 @@ class ViT(nn.Module):
       raise ValueError(f"ViT rel_pos must be 'shared' or 'per_block', got {self.rel_pos!r}.")
     beit = self.style == 'beit'
     p, c = self.patch_size, self.width
-    fan_in = p * p * images.shape[-1]
-    x = nn.Conv(c, (p, p), strides=(p, p), padding='VALID', dtype=self.dtype,
-                kernel_init=layers.torch_kernel_init, bias_init=layers.torch_bias_init(fan_in),
-                name='patch_embed')(images.astype(self.dtype))
+    init = layers.beit_init if beit else layers.trunc_init
+    if beit:  # the official _init_weights covers the Conv2d patch embedding too: init (+-1 std), bias 0
+      embed_init, embed_bias_init = init, nn.initializers.zeros
+    else:  # timm's plain ViT initialises only Linear layers: PyTorch's default conv init
+      embed_init, embed_bias_init = layers.torch_kernel_init, layers.torch_bias_init(p * p * images.shape[-1])
+    x = nn.Conv(c, (p, p), strides=(p, p), padding='VALID', dtype=self.dtype, kernel_init=embed_init,
+                bias_init=embed_bias_init, name='patch_embed')(images.astype(self.dtype))
     b, gh, gw, _ = x.shape
     x = x.reshape(b, gh * gw, c)
-    init = layers.beit_init if beit else layers.trunc_init
     if mask is not None:
       mask_token = self.param('mask_token', init, (1, 1, c))
       w = mask.reshape(b, gh * gw, 1).astype(x.dtype)
