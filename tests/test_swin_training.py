@@ -90,14 +90,15 @@ def test_recipe_lowers_at_the_real_per_device_batch(spec, name, variant, window,
   peak = 2e-4 if epochs == 100 else 1e-4
   warmup, total = 10 * steps_per_epoch, epochs * steps_per_epoch
   np.testing.assert_allclose(float(schedule(0)), (1e-6 if epochs == 100 else 5e-7) * scale, rtol=1e-5)
+  # schedule(k) is the LR of update k, the official f(k - 1) (optim.lr_lag): f(t) reaches update t + 1.
   if epochs == 800:  # the peak after warmup, x0.1 from epoch 700
-    np.testing.assert_allclose(float(schedule(warmup)), peak * scale, rtol=1e-5)
-    np.testing.assert_allclose(float(schedule(700 * steps_per_epoch)), peak * scale * 0.1, rtol=1e-5)
+    np.testing.assert_allclose(float(schedule(warmup + 1)), peak * scale, rtol=1e-5)
+    np.testing.assert_allclose(float(schedule(700 * steps_per_epoch + 1)), peak * scale * 0.1, rtol=1e-5)
   else:  # timm cosine over all steps (no warmup prefix: the small dip after warmup), min LR per 512 images
     low = 1e-5 * scale
-    np.testing.assert_allclose(float(schedule(warmup)),
+    np.testing.assert_allclose(float(schedule(warmup + 1)),
                                low + 0.5 * (peak * scale - low) * (1 + np.cos(np.pi * warmup / total)), rtol=1e-5)
-    np.testing.assert_allclose(float(schedule(total)), low, rtol=1e-4)
+    np.testing.assert_allclose(float(schedule(total + 1)), low, rtol=1e-4)
 
   per_device = config.batch_size // 16
   config.batch_size = per_device
