@@ -74,7 +74,8 @@ def pretrain_config() -> ml_collections.ConfigDict:
   c.optim.milestone_epochs = (700.0,)  # multistep; or milestone_steps
   c.optim.milestone_steps = config_dict.placeholder(tuple)
   c.optim.gamma = 0.1
-  c.optim.lr_lag = 1  # update k uses the schedule at k - 1 (warmup_lr at k = 0): the official scheduler steps after the optimizer
+  # The official scheduler steps after the optimizer: update k runs at the schedule's k - 1 (warmup_lr at k = 0).
+  c.optim.lr_lag = 1
   c.optim.weight_decay = 0.05
   c.optim.b1 = 0.9
   c.optim.b2 = 0.999
