@@ -42,7 +42,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | N
     if not config.init_from:
       log('No init_from: the encoder starts from random initialisation.')
       return init()
-    encoder, report = pretrained.adapt_encoder(params_io.load_params(config.init_from), abstract.params['encoder'])
+    encoder, report = pretrained.adapt_encoder(params_io.load_params(config.init_from), abstract.params['encoder'],
+                                               resize=config.rel_pos_resize)
     log(f"Encoder from {config.init_from}: {len(jax.tree.leaves(encoder))} arrays; per-block tables copied from "
         f"the shared one: {len(report['copied'])}; resized: {len(report['resized'])}; dropped: "
         f"{', '.join(report['dropped']) or 'none'}.")
