@@ -38,6 +38,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optim.warmup_steps = 50
 
   c.checkpoint.every_steps = 200
-  c.log_every_steps = 50
   c.image_every_steps = 200
   return c

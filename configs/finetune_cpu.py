@@ -9,7 +9,7 @@ Runtime:  220 steps of 64 images (10 epochs of the 1,437 training digits) plus 1
 Expected: held-out top-1 0.58 from the 600-step base.py encoder against 0.48 from scratch with the same
           budget (means of 3 seeds; README "Fine-tuning and linear probing").
 
-Recipe: the official fine-tuning model and optimizer (reference section 5) at CPU scale: mean pooling + fc_norm
+Recipe: the official fine-tuning model and optimizer (docs/REFERENCE.md section 5) at CPU scale: mean pooling + fc_norm
 + head (init x0.001), layer-wise LR decay, AdamW, cosine with warmup, random erasing 0.25, label smoothing 0.1.
 The augmentation is lighter than ImageNet's, for 1,437 8x8 digits and a 10-epoch budget: no horizontal flip
 (a mirrored digit is another symbol), crops keep >= 70 % of the digit (timm's 8 % leaves 2x2 of its pixels),
@@ -34,7 +34,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.batch_size = 64
   c.total_epochs = 10.0
   c.model = pretrain.model
-  c.model.drop_path_rate = 0.1
   c.data.name = pretrain.data.name
   c.data.shuffle_buffer = pretrain.data.shuffle_buffer
   c.data.eval_split = 'test'

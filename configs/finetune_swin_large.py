@@ -9,9 +9,9 @@ Command:  python -m simmim_jax.main --config=configs/finetune_swin_large.py --wo
 Runtime:  100 epochs = 62.5k steps at batch 2048. A step costs ~220 GFLOPs per image (forward 73.1 GFLOPs
           at 224 px, window 14, as XLA counts it, x3), ~2.8e19 FLOPs in all: about 5 h on 8 H100s in bfloat16
           at 20 % MFU. An estimate from model FLOPs, not a measured run. 197M parameters.
-Expected: top-1 85.4 on ImageNet-1K validation (reference section 6; 84.8 in an independent reproduction).
+Expected: top-1 85.4 on ImageNet-1K validation (docs/REFERENCE.md section 6; 84.8 in an independent reproduction).
 
-Recipe (reference section 5, the official simmim_finetune__swin_large__img224_window14__800ep): as
+Recipe (docs/REFERENCE.md section 5, the official simmim_finetune__swin_large__img224_window14__800ep): as
 configs/finetune_swin_base.py (AdamW, wd 0.05, clip 5.0, batch 2048, 100 epochs, 20 warmup, cosine, base
 1.25e-3, warmup and floor 2.5e-7 per 512, the timm augmentation and Mixup/CutMix) with layer decay 0.7 and
 drop path 0.2.
@@ -24,10 +24,8 @@ from simmim_jax import defaults
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   del arg
   c = defaults.finetune_config()
-  c.batch_size = 2048
   c.model.name = 'swin'
   c.model.variant = 'L'
-  c.model.image_size = 224
   c.model.window_size = 14  # stages of 56, 28, 14, 7 tokens: stage 3 is one window, stage 4 one 7x7 window
   c.model.drop_path_rate = 0.2
   c.model.dtype = 'bfloat16'

@@ -8,7 +8,7 @@ Runtime:  800 epochs are ~500k steps at batch 2048 (the reference used 16 V100 G
 Expected: fine-tuned top-1 83.8 (ImageNet-1K, 224 px, 100 fine-tuning epochs; 83.6 reported by users of
           the released weights). Pretraining L1 loss settles near 0.4-0.45 (normalised pixel units).
 
-Recipe (reference section 4): AdamW (0.9, 0.999), eps 1e-8, wd 0.05, clip 5.0, batch 2048, LR per 512
+Recipe (docs/REFERENCE.md section 4): AdamW (0.9, 0.999), eps 1e-8, wd 0.05, clip 5.0, batch 2048, LR per 512
 images: base 1e-4, warmup 5e-7 for 10 epochs, multistep x0.1 at epoch 700; drop path 0.1.
 
 :100 (and any other length) has no official counterpart: the official code ships ViT-B at 800 epochs only.

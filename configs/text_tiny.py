@@ -46,6 +46,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optim.clip_grad = 1.0
 
   c.checkpoint.every_steps = 500
-  c.log_every_steps = 50
   c.eval_every_steps = 250
   return c

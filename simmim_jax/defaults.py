@@ -1,5 +1,12 @@
 """The one list of config fields every recipe shares; configs/*.py start from here and override.
 
+Config policy, followed by every recipe in configs/:
+- Each field is defined once, here, with its default and a comment. The defaults are the paper's recipe:
+  ViT-B/16 SimMIM pretraining (pretrain_config), ViT-B/16 fine-tuning (finetune_config), and the
+  BERT-base / RoBERTa-like masked-LM recipe (text_pretrain_config).
+- A recipe starts from one of these and sets ONLY what differs from it, so every value a recipe sets is a
+  deliberate difference (tested: tests/test_configs.py). Its docstring gives the command, the expected
+  runtime and result, and the paper's full recipe as text, so a reader sees the whole of it in one place.
 Durations come as `*_steps` or `*_epochs` (one of the two); `resolve_steps` turns either into steps.
 Learning rates are per 512 images and scaled by the effective global batch, as in the paper.
 """
@@ -50,7 +57,8 @@ def pretrain_config() -> ml_collections.ConfigDict:
   c.loss.norm_target_window = 47
 
   c.data = ml_collections.ConfigDict()
-  # A tfds name; 'image_folder' (data_dir = root/<split>/<label>/*.jpg); or 'synthetic' (random images, the
+  # A tfds name; 'image_folder' (data_dir = root/<split>/<label>/*.jpg, or any folder of images without labels,
+  # recursive, or a glob / comma-separated list / .txt list of files); or 'synthetic' (random images, the
   # same global batch for any process count: benchmarks and multi-process checks).
   c.data.name = 'imagenet2012'
   c.data.data_dir = config_dict.placeholder(str)  # None: the tfds default (~/tensorflow_datasets)
@@ -62,6 +70,8 @@ def pretrain_config() -> ml_collections.ConfigDict:
   c.data.mean = IMAGENET_MEAN
   c.data.std = IMAGENET_STD
   c.data.prefetch = 2  # batches prepared ahead, on the host and again on the device
+  c.data.threads = 0  # input pipeline threads (a private tf.data pool); 0: every core this process may use
+  c.data.bad_images = 'skip'  # image_folder files that are no readable image: 'skip' (counted in the log) or 'fail'
 
   c.optim = ml_collections.ConfigDict()
   c.optim.schedule = 'multistep'  # multistep | cosine

@@ -1,6 +1,6 @@
 """Pretrained encoder params -> the fine-tuning encoder: what is kept, copied, resized and dropped.
 
-The official recipe (reference section 5): keep the encoder, drop the decoder; ViT copies the shared relative
+The official recipe (docs/REFERENCE.md section 5): keep the encoder, drop the decoder; ViT copies the shared relative
 position table into every block; Swin resizes each relative position table when the window changes
 (6 -> 7, 12 -> 14). Two resizes, each one NumPy matrix per axis (no SciPy or torch needed):
 - 'geometric' (default), SimMIM's loader (utils.py remap_pretrained_keys_*): the source offsets are placed on

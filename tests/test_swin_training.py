@@ -12,6 +12,8 @@ import pytest
 
 from simmim_jax import config_io, feed, optim, pretrain_step, sharding, tasks
 
+import equivalence
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -24,27 +26,30 @@ def config_path(name: str) -> str:
 # ------------------------------------------------------------------------------------------------------------
 
 def one_step(config, devices):
-  """One train step of the tiny Swin config on a mesh over `devices`: (loss, params before, params after)."""
+  """One train step of the tiny Swin config on a mesh over `devices`: (loss, lr, params before, params after,
+  the step's gradients)."""
   mesh = sharding.make_mesh(config.mesh, devices)
   task = tasks.build(config)
   s = pretrain_step.setup(task, mesh, total_steps=100, steps_per_epoch=10)
   state = s.init()
   before = jax.device_get(state.params)
   step = pretrain_step.make_train_step(task, s)
-  images = np.random.default_rng(0).standard_normal((config.batch_size, 32, 32, 3)).astype(np.float32)
-  state, metrics = step(state, feed.to_global({'image': images}, sharding.batch_sharding(mesh)))
-  return float(metrics['loss']), before, jax.device_get(state.params)
+  batch = {'image': np.random.default_rng(0).standard_normal((config.batch_size, 32, 32, 3)).astype(np.float32)}
+  state, metrics = step(state, feed.to_global(batch, sharding.batch_sharding(mesh)))
+  _, grads = equivalence.loss_and_grads(config, devices, batch)
+  return float(metrics['loss']), float(metrics['lr']), before, jax.device_get(state.params), grads
 
 
 @pytest.mark.parametrize('name', ['swin', pytest.param('swinv2', marks=pytest.mark.slow)])
 def test_one_step_on_one_and_eight_devices_agree(name):
   config = config_io.load_config(config_path(f'swin_tiny_cpu.py:{name}'),
                                  {'batch_size': 8, 'optim.warmup_steps': 0})
-  loss_1, before, params_1 = one_step(config, jax.devices()[:1])
-  loss_8, _, params_8 = one_step(config, jax.devices()[:8])
+  loss_1, lr, before, params_1, grads_1 = one_step(config, jax.devices()[:1])
+  loss_8, _, _, params_8, grads_8 = one_step(config, jax.devices()[:8])
   assert np.isfinite(loss_1)
-  np.testing.assert_allclose(loss_8, loss_1, atol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), params_8, params_1)
+  np.testing.assert_allclose(loss_8, loss_1, rtol=1e-6)
+  equivalence.assert_grads_close(grads_8, grads_1)
+  equivalence.assert_first_update_close(params_8, params_1, grads_8, grads_1, lr, config.optim.eps)
   moved = max(jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()), params_1, before)))
   assert moved > 1e-4  # the step really updated the parameters (2.5e-4 x sign on the first Adam step)
 

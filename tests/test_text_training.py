@@ -14,6 +14,8 @@ import pytest
 
 from simmim_jax import config_io, feed, pretrain_step, sharding, synthetic, tasks
 
+import equivalence
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, 'configs', 'text_tiny.py')
 
@@ -34,17 +36,20 @@ def text_batches(config, num_steps):
 
 
 def run_steps(config, devices, num_steps=2):
-  """The text step on a mesh over `devices`: per-step metrics and the final params on the host."""
+  """The text step on a mesh over `devices`: per-step metrics, the params after the first step on the host,
+  the final state and the first step's gradients."""
   mesh = sharding.make_mesh(config.mesh, devices)
   task = tasks.build(config)
   s = pretrain_step.setup(task, mesh, total_steps=100, steps_per_epoch=10)
   state = s.init()
   step = pretrain_step.make_train_step(task, s)
-  history = []
+  history, first = [], None
   for batch in text_batches(config, num_steps):
     state, metrics = step(state, feed.to_global(batch, sharding.batch_sharding(mesh)))
     history.append({k: float(v) for k, v in metrics.items()})
-  return history, jax.device_get(state.params), state
+    first = first or jax.device_get(state.params)
+  _, grads = equivalence.loss_and_grads(config, devices, text_batches(config, 1)[0])
+  return history, first, state, grads
 
 
 @pytest.fixture(scope='module')
@@ -55,10 +60,13 @@ def one_device():
 @pytest.mark.parametrize('mesh', [{'mesh.data': 8, 'mesh.fsdp': 1},
                                   pytest.param({'mesh.data': 2, 'mesh.fsdp': 4}, marks=pytest.mark.slow)])
 def test_text_step_one_vs_eight_devices(one_device, mesh):
-  history, params, state = run_steps(tiny_config(**mesh), jax.devices()[:8])
+  config = tiny_config(**mesh)
+  history, params, state, grads = run_steps(config, jax.devices()[:8])
   for key in ('loss', 'accuracy', 'grad_norm'):
     np.testing.assert_allclose([h[key] for h in history], [h[key] for h in one_device[0]], atol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), params, one_device[1])
+  equivalence.assert_grads_close(grads, one_device[3])
+  equivalence.assert_first_update_close(params, one_device[1], grads, one_device[3], history[0]['lr'],
+                                        config.optim.eps)
   assert history[1]['loss'] < history[0]['loss'] + 1.0 and np.isfinite(history[1]['loss'])
   if mesh['mesh.fsdp'] > 1:
     fc1 = state.params['encoder']['blocks_0']['mlp']['fc1']['kernel']
@@ -68,9 +76,12 @@ def test_text_step_one_vs_eight_devices(one_device, mesh):
 def test_accumulation_weights_micro_batches_by_their_masked_count(one_device):
   # The two micro-batches mask different numbers of tokens (padding in the second); weighting by count
   # gives exactly the full-batch ratio, where a plain mean of the two means would not.
-  history, params, _ = run_steps(tiny_config(**{'optim.accum_steps': 2}), jax.devices()[:1])
+  config = tiny_config(**{'optim.accum_steps': 2})
+  history, params, _, grads = run_steps(config, jax.devices()[:1])
   np.testing.assert_allclose([h['loss'] for h in history], [h['loss'] for h in one_device[0]], atol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5), params, one_device[1])
+  equivalence.assert_grads_close(grads, one_device[3])
+  equivalence.assert_first_update_close(params, one_device[1], grads, one_device[3], history[0]['lr'],
+                                        config.optim.eps)
 
 
 # ------------------------------------------------------------------------------------------------------------
