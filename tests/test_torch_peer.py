@@ -1,0 +1,71 @@
+"""tools/torch_peer.py: the PyTorch peer builds and steps on tiny models, and is the same model as the JAX one
+(the JAX params loaded into it give the same masked L1 loss)."""
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip('torch')
+pytest.importorskip('timm')
+
+from simmim_jax import config_io, losses, masking, models  # pylint: disable=g-import-not-at-top
+from simmim_jax.interop import timm as timm_interop  # pylint: disable=g-import-not-at-top
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, 'tools'))
+import torch_peer  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+CONFIGS = {
+    'vit_beit': ('base.py', ['batch_size=4', 'model.drop_path_rate=0.1']),
+    'vit_plain': ('base.py', ['batch_size=4', 'model.style=plain']),
+    'swin': ('swin_tiny_cpu.py', ['batch_size=2']),
+    'swinv2': ('swin_tiny_cpu.py', ['batch_size=2', 'model.name=swinv2']),
+}
+
+
+def config(family: str):
+  name, overrides = CONFIGS[family]
+  return config_io.load_config(os.path.join(ROOT, 'configs', name), overrides)
+
+
+@pytest.mark.parametrize('family', sorted(CONFIGS))
+def test_peer_builds_and_steps(family):
+  torch.set_num_threads(1)
+  c = config(family)
+  step = torch_peer.make_train_step(c, seed=0)
+  r = torch_peer.time_steps(step, steps=2, warmup=1, batch_size=c.batch_size)
+  assert np.isfinite(r['loss']) and r['examples_per_s'] > 0
+  mask = torch_peer.block_mask(3, 4, 2, 0.6, torch.Generator().manual_seed(0))
+  assert mask.shape == (3, 8, 8) and (mask.sum((1, 2)) == 10 * 4).all()  # ceil(0.6 * 16) cells of 2x2
+
+
+@pytest.mark.parametrize('family', ['vit_beit', 'vit_plain', 'swin'])
+def test_peer_is_the_same_model(family):
+  """The JAX model's params in the peer: the same loss on the same images and mask (train=False, no drop)."""
+  c = config(family)
+  c.model.drop_path_rate = 0.0
+  model = models.build_simmim(c.model)
+  size, grid = c.model.image_size, c.model.image_size // c.mask.model_patch_size
+  images = jax.random.normal(jax.random.key(0), (2, size, size, 3))
+  mask = masking.image_mask(jax.random.key(1), 2, size, c.mask.mask_patch_size, c.mask.model_patch_size, 0.6)
+  params = model.init(jax.random.key(2), images, mask)['params']
+  # Non-zero everywhere (zero-initialised tables and layer scales would hide a wrong wiring).
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(3), len(leaves))
+  params = jax.tree.unflatten(tree, [p + 0.02 * jax.random.normal(k, p.shape) for k, p in zip(keys, leaves)])
+  out = model.apply({'params': params}, images, mask)
+  expected = float(losses.masked_l1(out, images, masking.upsample(mask, c.mask.model_patch_size)))
+
+  peer, _ = torch_peer.build(c)
+  state, extras = timm_interop.to_timm(jax.tree.map(np.asarray, params))
+  peer.encoder.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
+  with torch.no_grad():
+    peer.mask_token.copy_(torch.from_numpy(np.array(extras['mask_token'])).view_as(peer.mask_token))
+    peer.decoder[0].weight.copy_(torch.from_numpy(np.array(extras['decoder.0.weight'])))
+    peer.decoder[0].bias.copy_(torch.from_numpy(np.array(extras['decoder.0.bias'])))
+    loss = peer.eval()(torch.from_numpy(np.array(jnp.transpose(images, (0, 3, 1, 2)))),
+                       torch.from_numpy(np.array(mask)))
+  np.testing.assert_allclose(float(loss), expected, rtol=1e-4)
