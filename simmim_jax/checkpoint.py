@@ -1,4 +1,5 @@
-"""Orbax checkpoints under workdir/checkpoints: async, keep-N, auto-resume; the config beside them as JSON."""
+"""Orbax checkpoints under workdir/checkpoints: async, keep-N, auto-resume; the config beside them as JSON.
+workdir may be a URL (gs://bucket/run): Orbax writes there itself (tensorstore for arrays, epath for the rest)."""
 import json
 import os
 from typing import Any
@@ -7,13 +8,15 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from simmim_jax import storage
+
 
 class Checkpointer:
   """Saves and restores the train state (any sharding, any process count) plus a JSON metadata item."""
 
   def __init__(self, workdir: str, cfg: ml_collections.ConfigDict, subdir: str = 'checkpoints',
                keep: int | None = None):
-    self.directory = os.path.join(os.path.abspath(workdir), subdir)
+    self.directory = os.path.join(storage.absolute(workdir), subdir)  # a URL stays a URL
     options = ocp.CheckpointManagerOptions(max_to_keep=keep or cfg.keep, enable_async_checkpointing=cfg.enable_async,
                                            create=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=('state', 'meta'))
@@ -45,6 +48,26 @@ class Checkpointer:
     """True on every process once a preemption notice (SIGTERM on TPU/SLURM) has been synced at `step`."""
     return self.manager.reached_preemption(step)
 
+  def all_steps(self) -> list[int]:
+    """The committed steps, oldest first."""
+    return sorted(self.manager.all_steps())
+
+  def set_aside(self, step: int) -> str:
+    """Renames an unreadable step out of Orbax's sight (`<step>.unreadable`, nothing deleted); returns where."""
+    source = storage.path(self.directory) / str(step)
+    target = storage.path(self.directory) / f'{step}.unreadable'
+    if jax.process_index() == 0:
+      source.rename(target)
+    self.manager.reload()
+    return os.fspath(target)
+
+  def remove_partial_saves(self) -> None:
+    """Deletes the temporary directories of saves that never committed (a kill or a failed write); committed
+    steps are never touched."""
+    if jax.process_index() == 0 and storage.path(self.directory).exists():
+      for partial in storage.path(self.directory).glob('*.orbax-checkpoint-tmp*'):
+        partial.rmtree()
+
   def wait(self) -> None:
     self.manager.wait_until_finished()
 
@@ -60,9 +83,7 @@ def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   """workdir/config.json (process 0 only), the record of what this run was."""
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    storage.write_text(storage.path(workdir) / 'config.json', config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def config_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:

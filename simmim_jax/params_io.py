@@ -7,16 +7,21 @@ views the bits back, so the round trip is bit-exact. The config is written besid
 (`model.npz` -> `model.json`). Orbax checkpoints are those of checkpoint.Checkpointer: `workdir/checkpoints/<step>/`
 with a `state` item ({'step', 'params', 'opt_state'}) and a `meta` JSON item holding the config. PyTorch files
 (`.pth`, `.safetensors`: official SimMIM, timm, or written by tools/convert_to_torch.py) load through
-simmim_jax.interop, which imports torch only then.
+simmim_jax.interop, which imports torch only then. Every path may be local or a URL (gs://bucket/...: through
+etils.epath and Orbax; PyTorch files from a URL are copied to a temporary folder first).
 """
+import io
 import json
 import os
+import shutil
+import tempfile
 from typing import Any
 
 import ml_dtypes
 import numpy as np
 from flax import traverse_util
 
+from simmim_jax import storage
 from simmim_jax.interop import torch_io
 
 DTYPES_KEY = '__dtypes__'
@@ -47,18 +52,15 @@ def save_npz(path: str, params: Any, config: Any = None) -> None:
       value = value.view(np.dtype(f'uint{8 * value.dtype.itemsize}'))
     arrays[name] = value
   arrays[DTYPES_KEY] = np.array(json.dumps(dtypes))
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + '.tmp'
-  with open(tmp, 'wb') as f:  # a file object: np.savez would otherwise append its own suffix
-    np.savez(f, **arrays)
-  os.replace(tmp, path)  # never leave a half-written file under the final name
+  buffer = io.BytesIO()  # a file object: np.savez would otherwise append its own suffix
+  np.savez(buffer, **arrays)
+  storage.write_bytes(path, buffer.getvalue())  # whole: never a half-written file under the final name
   if config is not None:
-    with open(config_path(path), 'w') as f:
-      f.write(_config_json(config))
+    storage.write_text(config_path(path), _config_json(config))
 
 
 def _load_npz(path: str) -> dict[str, Any]:
-  with np.load(path, allow_pickle=False) as data:
+  with storage.path(path).open('rb') as f, np.load(f, allow_pickle=False) as data:
     dtypes = json.loads(str(data[DTYPES_KEY])) if DTYPES_KEY in data.files else {}
     flat = {name: data[name] for name in data.files if name != DTYPES_KEY}
   for name, dtype in dtypes.items():
@@ -66,9 +68,13 @@ def _load_npz(path: str) -> dict[str, Any]:
   return traverse_util.unflatten_dict(flat, sep='/')
 
 
+def _steps(checkpoints_dir: str) -> list[int]:
+  return sorted(int(p.name) for p in storage.path(checkpoints_dir).iterdir() if p.name.isdigit())
+
+
 def _latest_step(checkpoints_dir: str) -> int:
   """The newest finished step (Orbax writes unfinished ones under a temporary, non-numeric name)."""
-  steps = [int(d) for d in os.listdir(checkpoints_dir) if d.isdigit()]
+  steps = _steps(checkpoints_dir)
   if not steps:
     raise FileNotFoundError(f'No checkpoint steps in {checkpoints_dir}: train first or point at another workdir.')
   return max(steps)
@@ -76,16 +82,17 @@ def _latest_step(checkpoints_dir: str) -> int:
 
 def checkpoint_step_dir(path: str, step: int | None = None) -> str:
   """A workdir, its `checkpoints` dir, or one step dir -> the step dir (latest step unless `step` is given)."""
-  path = os.path.abspath(path)
-  if os.path.isdir(os.path.join(path, 'state')):
+  path = storage.absolute(path)
+  path = path.rstrip('/') if storage.is_url(path) else path  # gs://b/run/ names gs://b/run
+  if storage.path(path, 'state').is_dir():
     return path
-  if os.path.isdir(os.path.join(path, 'checkpoints')):
+  if storage.path(path, 'checkpoints').is_dir():
     path = os.path.join(path, 'checkpoints')
-  if not os.path.isdir(path):
+  if not storage.path(path).is_dir():
     raise FileNotFoundError(f'{path} does not exist: give an .npz file, a workdir, its checkpoints dir or a step dir.')
   step_dir = os.path.join(path, str(_latest_step(path) if step is None else step))
-  if not os.path.isdir(os.path.join(step_dir, 'state')):
-    steps = sorted(int(d) for d in os.listdir(path) if d.isdigit())
+  if not storage.path(step_dir, 'state').is_dir():
+    steps = _steps(path)
     raise FileNotFoundError(f"{step_dir} holds no checkpoint 'state' item (steps in {path}: {steps}): give a "
                             'workdir, its checkpoints dir or a step dir written by simmim_jax training.')
   return step_dir
@@ -126,14 +133,31 @@ def load_params(path: str, subtree: str | None = None, step: int | None = None) 
   step dir), or a PyTorch `.pth`/`.safetensors` (official SimMIM or timm layout: simmim_jax.interop, needs
   torch); `subtree` ('encoder', 'encoder/blocks_0') selects part of it."""
   if path.endswith(NPZ_SUFFIX):
-    if not os.path.isfile(path):
+    if not storage.path(path).is_file():
       raise FileNotFoundError(f'{path} does not exist: give the .npz written by tools/export_params.py.')
     params = _load_npz(path)
+  elif path.endswith(TORCH_SUFFIXES) and storage.is_url(path):
+    with tempfile.TemporaryDirectory() as tmp:
+      params = torch_io.import_torch(_local_copy(path, tmp))
   elif path.endswith(TORCH_SUFFIXES):
     params = torch_io.import_torch(path)
   else:
     params = _load_checkpoint(checkpoint_step_dir(path, step))
   return select(params, subtree)
+
+
+def _local_copy(url: str, folder: str) -> str:
+  """Copies a PyTorch file (and the SimMIM sidecar beside a timm .safetensors, if any) into `folder`:
+  torch and safetensors read local files only."""
+  names = [os.path.basename(url)]
+  if url.endswith('.safetensors') and not url.endswith(torch_io.SIDECAR):
+    names.append(os.path.basename(url.removesuffix('.safetensors') + torch_io.SIDECAR))
+  for name in names:
+    source = storage.path(os.path.dirname(url), name)
+    if name == names[0] or source.exists():
+      with source.open('rb') as src, open(os.path.join(folder, name), 'wb') as dst:
+        shutil.copyfileobj(src, dst)
+  return os.path.join(folder, names[0])
 
 
 def load_config(path: str, step: int | None = None) -> dict[str, Any] | None:
@@ -143,19 +167,17 @@ def load_config(path: str, step: int | None = None) -> dict[str, Any] | None:
     return None
   if path.endswith(NPZ_SUFFIX):
     json_path = config_path(path)
-    if not os.path.isfile(json_path):
+    if not storage.path(json_path).is_file():
       return None
-    with open(json_path) as f:
-      return json.load(f)
+    return json.loads(storage.read_text(json_path))
   step_dir = checkpoint_step_dir(path, step)
   meta_dir = os.path.join(step_dir, 'meta')
-  if os.path.isdir(meta_dir):
+  if storage.path(meta_dir).is_dir():
     import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
     config = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(meta_dir).get('config')
     if config is not None:
       return config
   workdir_json = os.path.join(os.path.dirname(os.path.dirname(step_dir)), 'config.json')
-  if os.path.isfile(workdir_json):
-    with open(workdir_json) as f:
-      return json.load(f)
+  if storage.path(workdir_json).is_file():
+    return json.loads(storage.read_text(workdir_json))
   return None

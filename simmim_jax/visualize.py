@@ -1,22 +1,21 @@
 """Reconstruction figures: original | masked input | reconstruction | pasted | per-patch L1 error heat map.
 
 One function draws them for everyone: `figure` (params + images + a mask seed) for tools/visualize.py and
-the notebooks, `figure_from_arrays` for the trainer, which reconstructs on its own mesh. No TensorFlow.
+the notebooks, `figure_from_arrays` for the trainer, which reconstructs on its own mesh. No TensorFlow; PIL
+and matplotlib are imported only to draw, so importing this (as every image task does) needs neither.
 """
 import dataclasses
 import functools
+import io
 import json
-import os
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-import matplotlib
 import ml_collections
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
 
-from simmim_jax import losses, masking, models
+from simmim_jax import losses, masking, models, storage
 
 COLUMNS = ('original', 'masked input', 'reconstruction', 'pasted', 'L1 error')
 VISIBLE_GREY = 200  # heat-map colour of visible patches: no error is scored there
@@ -80,6 +79,7 @@ def patch_l1(reconstruction: np.ndarray, target: np.ndarray, patch: int) -> np.n
 def error_heatmap(errors: np.ndarray, token_mask: np.ndarray, patch: int, vmax: float,
                   cmap: str = 'inferno') -> np.ndarray:
   """Per-patch errors -> (B, H, W, 3) uint8 colours from 0 (dark) to vmax (bright); visible patches grey."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
   colours = matplotlib.colormaps[cmap](np.clip(errors / vmax, 0.0, 1.0))[..., :3]
   colours = np.where(np.asarray(token_mask)[..., None] > 0, np.round(colours * 255), VISIBLE_GREY).astype(np.uint8)
   return np.repeat(np.repeat(colours, patch, axis=1), patch, axis=2)
@@ -144,7 +144,9 @@ def figure(params: Any, config: ml_collections.ConfigDict, images: np.ndarray, s
 
 
 def save_png(grid: np.ndarray, path: str, min_size: int = 256, title: str | None = None) -> str:
-  """Writes the grid, upscaled by an integer factor (nearest) so small images stay visible; title on top."""
+  """Writes the grid as a PNG at `path` (local or a URL such as gs://), upscaled by an integer factor (nearest)
+  so small images stay visible; title on top."""
+  from PIL import Image, ImageDraw, ImageFont  # pylint: disable=import-outside-toplevel
   factor = max(1, -(-min_size // min(grid.shape[:2])))
   image = Image.fromarray(grid).resize((grid.shape[1] * factor, grid.shape[0] * factor), Image.NEAREST)
   if title:
@@ -155,8 +157,9 @@ def save_png(grid: np.ndarray, path: str, min_size: int = 256, title: str | None
     framed.paste(image, (0, height))
     ImageDraw.Draw(framed).multiline_text((4, 2), title, fill=(0, 0, 0), font=font, spacing=3)
     image = framed
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  image.save(path)
+  png = io.BytesIO()
+  image.save(png, format='PNG')
+  storage.write_bytes(path, png.getvalue())
   return path
 
 

@@ -9,7 +9,7 @@ class and constructor arguments are printed and written to `<out>.timm.json`; th
 no place for (mask token, decoder) go to `<out>.simmim.safetensors`.
 --layout official: the official SimMIM state dict (encoder.* / decoder.*, or the fine-tuned names).
 The text encoder always uses the layout documented in simmim_jax/interop/text.py (module: interop/torch_text.py,
-spec in `<out>.text.json`).
+spec in `<out>.text.json`). --params and --out may be URLs (gs://bucket/...).
 """
 import argparse
 import json
@@ -18,12 +18,22 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from simmim_jax import params_io  # pylint: disable=g-import-not-at-top
+from simmim_jax import params_io, storage  # pylint: disable=g-import-not-at-top
 from simmim_jax.interop import official, timm, torch_io
 
 
 def stem(path: str) -> str:
   return path.removesuffix('.safetensors')
+
+
+def write_safetensors(path: str, state: dict) -> None:
+  """torch_io.write_safetensors to any path, a URL too: serialised in memory, written whole."""
+  from safetensors.torch import save  # pylint: disable=import-outside-toplevel
+  storage.write_bytes(path, save({k: torch_io.to_tensor(v) for k, v in state.items()}))
+
+
+def write_json(path: str, data: dict) -> None:
+  storage.write_text(path, json.dumps(data, indent=2))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -38,8 +48,7 @@ def main(argv: list[str] | None = None) -> None:
 
   params = params_io.load_params(args.params)
   if args.config:
-    with open(args.config) as f:
-      config = json.load(f)
+    config = json.loads(storage.read_text(args.config))
   else:
     config = params_io.load_config(args.params)
   if not config or 'model' not in config:
@@ -54,9 +63,8 @@ def main(argv: list[str] | None = None) -> None:
     state = text.to_torch(params)
     spec = {'class': 'simmim_jax.interop.torch_text.TextEncoder',
             'kwargs': dict(text.torch_kwargs(model), with_head=any(k.startswith('head.') for k in state))}
-    torch_io.write_safetensors(args.out, state)
-    with open(stem(args.out) + '.text.json', 'w') as f:
-      json.dump(spec, f, indent=2)
+    write_safetensors(args.out, state)
+    write_json(stem(args.out) + '.text.json', spec)
     print(f'Wrote {len(state)} tensors to {args.out} (text layout: see simmim_jax/interop/text.py)')
     print(f'Build and load it with:\n  from simmim_jax.interop import torch_text\n'
           f'  model = torch_text.TextEncoder(**{spec["kwargs"]!r})\n'
@@ -64,19 +72,18 @@ def main(argv: list[str] | None = None) -> None:
     return
   if args.layout == 'official':
     state = official.to_official(params)
-    torch_io.write_safetensors(args.out, state)
+    write_safetensors(args.out, state)
     print(f'Wrote {len(state)} tensors to {args.out} (official SimMIM layout)')
     return
 
   state, extras = timm.to_timm(params)
   spec = timm.timm_spec(model, params)
-  torch_io.write_safetensors(args.out, state)
-  with open(stem(args.out) + '.timm.json', 'w') as f:
-    json.dump(spec, f, indent=2)
+  write_safetensors(args.out, state)
+  write_json(stem(args.out) + '.timm.json', spec)
   print(f'Wrote {len(state)} tensors to {args.out} for timm.models.{spec["class"]}'
         + (f' (registered architecture: {spec["name"]})' if spec['name'] else ''))
   if extras:
-    torch_io.write_safetensors(stem(args.out) + torch_io.SIDECAR, extras)
+    write_safetensors(stem(args.out) + torch_io.SIDECAR, extras)
     print(f'SimMIM parts timm has no place for ({", ".join(sorted(extras))}) -> {stem(args.out)}{torch_io.SIDECAR}')
   print('Build and load it with:')
   print('  import timm, safetensors.torch')

@@ -3,7 +3,8 @@
   python tools/export_params.py --checkpoint /tmp/workdir --out /tmp/simmim_vit.npz --encoder_only
   python tools/export_params.py --checkpoint /tmp/workdir/checkpoints/400 --out /tmp/all.npz --dtype bfloat16
 
---checkpoint is a workdir (latest step), its checkpoints dir (with --step) or one step dir. The config goes to
+--checkpoint is a workdir (latest step), its checkpoints dir (with --step) or one step dir; it and --out may be
+URLs (gs://bucket/run, gs://bucket/out.npz). The config goes to
 `<out>.json`; read both back with simmim_jax.params_io.load_params / load_config. bfloat16 round-trips bit-exactly.
 """
 import argparse
@@ -16,7 +17,7 @@ import ml_dtypes  # pylint: disable=g-import-not-at-top
 import numpy as np
 from flax import traverse_util
 
-from simmim_jax import params_io
+from simmim_jax import params_io, storage
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
             for k, v in traverse_util.flatten_dict(params, sep='/').items()}
     params = traverse_util.unflatten_dict(flat, sep='/')
   export_config = dict(config or {})
-  export_config['export'] = {'source': os.path.abspath(args.checkpoint), 'step': args.step,
+  export_config['export'] = {'source': storage.absolute(args.checkpoint), 'step': args.step,
                              'encoder_only': args.encoder_only, 'dtype': args.dtype}
   params_io.save_npz(args.out, params, export_config)
   flat = traverse_util.flatten_dict(params, sep='/')

@@ -4,12 +4,12 @@
   python tools/train_tokenizer.py --tfds=c4/en:3.1.0 --data_dir=DIR --vocab_size=32000 \
       --max_documents=2000000 --character_coverage=0.9995 --output=DIR/spm/c4_32k
   python tools/train_tokenizer.py --files='corpus/*.txt' --vocab_size=8000 --output=/tmp/spm/mine
+  python tools/train_tokenizer.py --files='gs://bucket/corpus/*.txt' --vocab_size=8000 --output=gs://bucket/spm/mine
 
 Ids: pad=0, eos=1, unk=2, no bos, [MASK]=3. The same input and flags give byte-identical files.
 tfds sources are read in their stored order (the first --max_documents); local files line by line.
 """
 import argparse
-import glob
 import itertools
 import os
 import sys
@@ -17,16 +17,17 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # before TensorFlow is imported by a tfds source
 
-from simmim_jax.data import tokenizer  # pylint: disable=g-import-not-at-top
+from simmim_jax import storage  # pylint: disable=g-import-not-at-top
+from simmim_jax.data import tokenizer
 
 
 def texts_from_files(pattern: str):
-  """Non-empty lines of the matching files, in sorted file order."""
-  files = sorted(glob.glob(os.path.expanduser(pattern)))
+  """Non-empty lines of the matching files (local or gs://...), in sorted file order."""
+  files = storage.glob(pattern)
   if not files:
     raise SystemExit(f'--files={pattern!r} matches no file.')
   for path in files:
-    with open(path, encoding='utf-8') as f:
+    with storage.path(path).open('r', encoding='utf-8') as f:
       yield from (line.strip() for line in f if line.strip())
 
 
@@ -49,7 +50,7 @@ def main() -> None:
   parser.add_argument('--split', default='train')
   parser.add_argument('--text_key', default='text')
   parser.add_argument('--max_documents', type=int, default=None, help='read at most this many documents')
-  parser.add_argument('--output', required=True, help='output prefix: writes PREFIX.model and PREFIX.vocab')
+  parser.add_argument('--output', required=True, help='output prefix (a path or gs://...): PREFIX.model and .vocab')
   parser.add_argument('--vocab_size', type=int, default=32000)
   parser.add_argument('--model_type', default='unigram', choices=['unigram', 'bpe', 'char', 'word'])
   parser.add_argument('--character_coverage', type=float, default=1.0,
@@ -67,11 +68,8 @@ def main() -> None:
                           character_coverage=args.character_coverage, byte_fallback=bool(args.byte_fallback),
                           input_sentence_size=args.input_sentence_size, num_threads=args.num_threads)
   sp = tokenizer.load(proto)
-  os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-  with open(args.output + '.model', 'wb') as f:
-    f.write(proto)
-  with open(args.output + '.vocab', 'w', encoding='utf-8') as f:
-    f.write(tokenizer.vocab_text(sp))
+  storage.write_bytes(args.output + '.model', proto)
+  storage.write_text(args.output + '.vocab', tokenizer.vocab_text(sp))
   print(f'Wrote {args.output}.model and .vocab: {sp.vocab_size()} pieces ({args.model_type}); '
         f'pad=0 eos=1 unk=2 [MASK]={sp.piece_to_id(tokenizer.MASK_PIECE)}.')
 

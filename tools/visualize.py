@@ -9,7 +9,8 @@
 configs/*.py file. Images come from a tfds split (default: the config's dataset, split 'test') or from files and
 folders (--images). Each PNG row: original | masked input | reconstruction | reconstruction pasted into the
 visible pixels | L1 error per masked patch. The mask is drawn from --seed, so the same command redraws the same
-figure. Writes <out>/reconstructions_seed<seed>.png (one row per image) and <out>/l1.json (per-image numbers).
+figure. Writes <out>/reconstructions_seed<seed>.png (one row per image) and <out>/l1.json (per-image numbers);
+--checkpoint and --out may be URLs (gs://...).
 """
 import argparse
 import json
@@ -22,7 +23,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 import ml_collections  # pylint: disable=g-import-not-at-top
 import numpy as np
 
-from simmim_jax import config_io, params_io, visualize
+from simmim_jax import config_io, params_io, storage, visualize
 from simmim_jax.data import samples
 
 
@@ -83,8 +84,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                            title=visualize.caption(fig, args.vmax))
   result = {'mean_masked_l1': float(np.mean(fig.l1)), 'l1': fig.l1.tolist(), 'seed': args.seed,
             'checkpoint': args.checkpoint, 'random_init': args.random_init, 'png': png}
-  with open(os.path.join(args.out, 'l1.json'), 'w') as f:
-    json.dump(result, f, indent=2)
+  storage.write_text(os.path.join(args.out, 'l1.json'), json.dumps(result, indent=2))
   print(f"mean masked-patch L1 over {len(images)} images: {result['mean_masked_l1']:.4f}")
   print(f'wrote {png}')
   return result

@@ -9,6 +9,8 @@ from collections.abc import Iterable
 
 import sentencepiece as spm
 
+from simmim_jax import storage
+
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 MASK_PIECE = '[MASK]'
 MASK_ID = 3
@@ -34,7 +36,13 @@ def train(texts: Iterable[str], *, vocab_size: int, model_type: str = 'unigram',
 
 
 def load(path_or_proto: str | bytes) -> spm.SentencePieceProcessor:
-  """A processor from a .model path or serialized bytes, checked for the project's ids."""
+  """A processor from a .model path (local or a URL such as gs://) or serialized bytes, checked for the
+  project's ids."""
+  if isinstance(path_or_proto, str) and storage.is_url(path_or_proto):
+    try:
+      path_or_proto = storage.read_bytes(path_or_proto)  # sentencepiece itself reads local files only
+    except FileNotFoundError:
+      pass  # the message below names the path
   if isinstance(path_or_proto, bytes):
     sp = spm.SentencePieceProcessor(model_proto=path_or_proto)
   else:
