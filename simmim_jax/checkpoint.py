@@ -71,6 +71,10 @@ class Checkpointer:
   def wait(self) -> None:
     self.manager.wait_until_finished()
 
+  def check_for_errors(self) -> None:
+    """Raises the error of an async save that has failed, without waiting for one in flight."""
+    self.manager.check_for_errors()
+
   def close(self) -> None:
     self.manager.close()
 

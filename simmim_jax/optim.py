@@ -169,3 +169,16 @@ def layer_decay_scales(params: Any, encoder: Any, layer_decay: float) -> Any:
     top, layer_id = encoder.depth + 1, lambda names: vit_layer_id(names, encoder.depth)
   return jax.tree_util.tree_map_with_path(lambda path, _: float(layer_decay**(top - layer_id(_names(path)))),
                                           params)
+
+
+def update_if_finite(tx: optax.GradientTransformation, grads: Any, loss: jax.Array, opt_state: Any,
+                     params: Any) -> tuple[Any, Any, jax.Array]:
+  """(params, opt_state, finite): the optimizer's update when the loss, the gradients and the update are finite, else
+  the inputs unchanged, so no state (and no checkpoint) ever holds a NaN. The flag is left on device: the
+  trainer fetches it at log and save steps, never waiting on the host in between."""
+  updates, new_opt_state = tx.update(grads, opt_state, params)
+  # The update too: a finite gradient times an infinite learning rate is not a finite step.
+  finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads)) & jnp.isfinite(optax.global_norm(updates))
+  new_params = optax.apply_updates(params, updates)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  return keep(new_params, params), keep(new_opt_state, opt_state), finite

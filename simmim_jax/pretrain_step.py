@@ -87,10 +87,9 @@ def make_train_step(task: Task, s: Setup) -> Callable:
                            (jax.ShapeDtypeStruct((), jnp.float32), aux0, state.params, jax.ShapeDtypeStruct((), jnp.float32)))
       (loss, aux, grads, total), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(accum), *micro))
       loss, aux, grads = jax.tree.map(lambda x: x / total, (loss, aux, grads))
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    params, opt_state, finite = optim.update_if_finite(tx, grads, loss, state.opt_state, state.params)
     metrics = {'loss': loss, **aux, 'grad_norm': optax.global_norm(grads), 'param_norm': optax.global_norm(params),
-               'lr': s.schedule(state.step)}
+               'lr': s.schedule(state.step), 'finite': finite}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return jax.jit(step, in_shardings=(s.shardings, sharding.batch_sharding(s.mesh)),

@@ -81,21 +81,22 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | N
   eval_step = finetune_step.make_eval_step(model, mesh, shardings)
   writer = metrics.Writer(workdir, total_steps, config.batch_size)
   result: dict[str, Any] = {}
-  for step in run.steps():
-    state, step_metrics = train_step(state, next(batches))
-    logged = run.is_log_step(step)
-    if logged:
-      writer.scalars(step, step_metrics)
-    if step % eval_every == 0 or step == total_steps:
-      result = finetune_step.evaluate(eval_step, state, eval_batches())
-      writer.scalars(step, {f'eval_{k}': v for k, v in result.items()})
-      if result['top1'] > best_top1:
-        best_top1 = result['top1']
-        best.save(step, state, {'step': step, 'eval': result, 'config': checkpoint.config_dict(config)})
-      log(f"eval at step {step}: top-1 {result['top1']:.4f}, top-5 {result['top5']:.4f}, loss "
-          f"{result['loss']:.4f} over {result['count']} examples (best top-1 {best_top1:.4f})")
-    if run.after_step(step, state, step_metrics, {}, logged):
-      break
+  with run.guard:  # SIGTERM / SIGINT: finish the step, save, return
+    for step in run.steps():
+      state, step_metrics = train_step(state, next(batches))
+      logged = run.is_log_step(step)
+      if logged:
+        writer.scalars(step, step_metrics)
+      if step % eval_every == 0 or step == total_steps:
+        result = finetune_step.evaluate(eval_step, state, eval_batches())
+        writer.scalars(step, {f'eval_{k}': v for k, v in result.items()})
+        if result['top1'] > best_top1:
+          best_top1 = result['top1']
+          best.save(step, state, {'step': step, 'eval': result, 'config': checkpoint.config_dict(config)})
+        log(f"eval at step {step}: top-1 {result['top1']:.4f}, top-5 {result['top5']:.4f}, loss "
+            f"{result['loss']:.4f} over {result['count']} examples (best top-1 {best_top1:.4f})")
+      if run.after_step(step, state, step_metrics, {}, logged):
+        break
   run.close(best)
   writer.close()
   return result

@@ -53,20 +53,21 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | N
   evaluate = task.make_evaluate(mesh, data)  # None: the task has no held-out evaluation (images)
   draw_figures = task.make_figures(mesh, workdir, writer)  # None: the task draws no figures (text)
   logged = {}
-  for step in run.steps():
-    batch = next(batches)
-    state, step_metrics = train_step(state, batch)
-    eval_now = evaluate is not None and (step % config.eval_every_steps == 0 or step == run.end)
-    log_now = run.is_log_step(step) or eval_now
-    if log_now:
-      eval_metrics = evaluate(state.params) if eval_now else {}
-      logged = writer.scalars(step, {**step_metrics, **eval_metrics})
-      if eval_metrics:
-        log(f'held-out at step {step}: ' + ' | '.join(f'{k[5:]} {v:.4f}' for k, v in eval_metrics.items()))
-    if run.after_step(step, state, step_metrics, {'examples_seen': step * config.batch_size}, log_now):
-      break
-    if draw_figures and (step % config.image_every_steps == 0 or step == run.end):
-      draw_figures(step, state.params, batch)
+  with run.guard:  # SIGTERM / SIGINT: finish the step, save, return
+    for step in run.steps():
+      batch = next(batches)
+      state, step_metrics = train_step(state, batch)
+      eval_now = evaluate is not None and (step % config.eval_every_steps == 0 or step == run.end)
+      log_now = run.is_log_step(step) or eval_now
+      if log_now:
+        eval_metrics = evaluate(state.params) if eval_now else {}
+        logged = writer.scalars(step, {**step_metrics, **eval_metrics})
+        if eval_metrics:
+          log(f'held-out at step {step}: ' + ' | '.join(f'{k[5:]} {v:.4f}' for k, v in eval_metrics.items()))
+      if run.after_step(step, state, step_metrics, {'examples_seen': step * config.batch_size}, log_now):
+        break
+      if draw_figures and (step % config.image_every_steps == 0 or step == run.end):
+        draw_figures(step, state.params, batch)
   run.close()
   writer.close()
   return logged

@@ -1,5 +1,6 @@
-"""What both trainers do the same way around their loop: resume or start, the step range, the finite check,
-saving on schedule / at the end / on preemption, and console lines. Each trainer still reads top to bottom."""
+"""What both trainers do the same way around their loop: resume (never losing good work) or start, the step
+range, the finite check, saving on schedule / at the end / on preemption, and console lines. Each trainer
+still reads top to bottom."""
 from collections.abc import Callable
 from typing import Any
 
@@ -7,7 +8,11 @@ import jax
 import ml_collections
 import numpy as np
 
-from simmim_jax import checkpoint
+from simmim_jax import checkpoint, preemption
+from simmim_jax.errors import UserError
+
+# Fields that change the model, its inputs or what the loss means: a run cannot resume across them.
+FIXED_FIELDS = ('task', 'model.', 'mask.', 'loss.', 'data.seq_len', 'num_classes', 'probe.')
 
 
 def log(message: str) -> None:
@@ -16,24 +21,74 @@ def log(message: str) -> None:
     print(message, flush=True)
 
 
+def changed_fields(saved: dict[str, Any], requested: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+  """{'a.b': (saved, requested)} for every leaf that differs between two nested config dicts."""
+  def flat(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+      out.update(flat(value, f'{prefix}{key}.') if isinstance(value, dict) else {f'{prefix}{key}': value})
+    return out
+
+  a, b = flat(saved), flat(requested)
+  # JSON turns tuples into lists: compare as JSON would.
+  return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
+          if np.asarray(a.get(k), object).tolist() != np.asarray(b.get(k), object).tolist()}
+
+
 class Run:
   """One call of a trainer on a workdir: the steps it runs (start + 1 .. end) and the checkpoints it keeps."""
 
   def __init__(self, workdir: str, config: ml_collections.ConfigDict, total_steps: int, max_steps: int | None):
     """max_steps limits this call to that many more steps (a time-limited job or a notebook session)."""
-    self.workdir, self.config, self.total_steps = workdir, config, total_steps
+    self.workdir, self.config, self.total_steps, self.max_steps = workdir, config, total_steps, max_steps
     self.ckpt = checkpoint.Checkpointer(workdir, config.checkpoint)
-    self.start = self.ckpt.latest_step() or 0
-    self.end = total_steps if max_steps is None else min(total_steps, self.start + max_steps)
+    self.ckpt.remove_partial_saves()  # what a killed save left behind; never a committed step
+    self.set_start(self.ckpt.latest_step() or 0)
+    self.guard = preemption.SignalGuard()  # the trainer's loop runs inside `with run.guard:`
+    self.unchecked: list[tuple[int, jax.Array]] = []  # (step, finite flag) not yet fetched from the device
+    self.saving: int | None = None  # the step of the async save in flight
 
   def restore_or_init(self, abstract: Any, shardings: Any, init: Callable[[], Any]) -> Any:
-    """The latest checkpoint's state in its shardings, else init(); writes workdir/config.json."""
-    checkpoint.write_config(self.workdir, self.config)
-    if not self.start:
-      return init()
-    state, _ = self.ckpt.restore(self.start, checkpoint.abstract_with_shardings(abstract, shardings))
-    log(f'Resumed from step {self.start} in {self.ckpt.directory}.')
+    """The newest checkpoint that restores, in its shardings, else init(); then writes workdir/config.json.
+
+    A step that cannot be read is set aside with one warning and the next older one is tried: nothing is
+    deleted. A checkpoint of a different model or task stops the run before anything is read or written."""
+    state = None
+    for step in self.ckpt.all_steps()[::-1]:
+      self.check_same_run(step)
+      try:
+        state, _ = self.ckpt.restore(step, checkpoint.abstract_with_shardings(abstract, shardings))
+      except Exception as e:  # pylint: disable=broad-except  (Orbax raises many types for unreadable files)
+        where = self.ckpt.set_aside(step)
+        log(f'WARNING: checkpoint step {step} cannot be restored ({type(e).__name__}: {str(e).splitlines()[0]}); '
+            f'moved to {where}, trying the previous step.')
+        continue
+      self.set_start(step)
+      log(f'Resumed from step {step} in {self.ckpt.directory}.')
+      break
+    if state is None:
+      self.set_start(0)
+      state = init()
+    checkpoint.write_config(self.workdir, self.config)  # only after a successful start
     return state
+
+  def set_start(self, start: int) -> None:
+    self.start = start
+    self.end = self.total_steps if self.max_steps is None else min(self.total_steps, start + self.max_steps)
+
+  def check_same_run(self, step: int) -> None:
+    """Refuses to resume a checkpoint of another model, input geometry or task; logs allowed changes."""
+    saved = self.ckpt.restore_meta(step).get('config')
+    if saved is None:
+      return
+    changes = changed_fields(saved, checkpoint.config_dict(self.config))
+    fixed = {k: v for k, v in changes.items() if k.startswith(FIXED_FIELDS)}
+    if fixed:
+      diff = ', '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in fixed.items())
+      raise UserError(f'{self.ckpt.directory} holds a different run ({diff}); use a new --workdir for this '
+                      'config, or the saved values to resume that run. Nothing was changed.')
+    if changes:
+      log('Resuming with changed settings: ' + ', '.join(f'{k} {a!r} -> {b!r}' for k, (a, b) in changes.items()))
 
   def nothing_to_do(self) -> bool:
     """True (with a line, the checkpoints closed) when this workdir is already at its last step."""
@@ -51,29 +106,68 @@ class Run:
 
   def after_step(self, step: int, state: Any, step_metrics: dict[str, jax.Array], meta: dict[str, Any],
                  logged: bool) -> bool:
-    """Checks the loss (on log and save steps), saves on schedule, at the end and on a preemption notice.
-    Returns True when the trainer must stop (preempted: saved, rerun to resume)."""
-    preempted = self.ckpt.reached_preemption(step)
+    """Checks the finite flags (on log and save steps), saves on schedule, at the end and on preemption
+    (a signal or a multi-host notice). Returns True when the trainer must stop: preempted and saved."""
+    self.unchecked.append((step, step_metrics['finite']))
+    preempted = self.guard.requested is not None or self.ckpt.reached_preemption(step)
     save = step % self.config.checkpoint.every_steps == 0 or step == self.end or preempted
     if logged or save:
-      self.check_finite(step, step_metrics)  # never checkpoint a diverged state
+      self.check_finite()  # never checkpoint a diverged state
+      self.check_saves()  # a write that failed stops the run now, not at the next save
     if save:
-      self.ckpt.save(step, state, {'step': step, **meta, 'config': checkpoint.config_dict(self.config)})
+      self.save(step, state, meta, wait=preempted)
     if preempted:
-      log(f'Preemption notice: saved step {step}; rerun the same command to resume.')
+      log(f'Preempted at step {step}: saved; rerun the same command to resume.')
     return preempted
 
-  def check_finite(self, step: int, step_metrics: dict[str, jax.Array]) -> None:
-    """Stops with one message on a NaN/inf loss; the checkpoints already written stay untouched."""
-    loss, grad_norm = (float(step_metrics[k]) for k in ('loss', 'grad_norm'))
-    if not np.isfinite(loss):
-      self.ckpt.wait()
+  def check_finite(self) -> None:
+    """Stops with one message at the first step whose loss or gradient norm was not finite. The step skips
+    such an update on device, so the state (and any checkpoint) stays finite; the flags are fetched here,
+    at log and save steps only, so training never waits on the host."""
+    flags = jax.device_get([flag for _, flag in self.unchecked])
+    bad = [step for (step, _), ok in zip(self.unchecked, flags) if not ok]
+    self.unchecked.clear()
+    if bad:
+      self.check_saves(blocking=True)
       raise FloatingPointError(
-          f'Loss is {loss} at step {step} (grad norm {grad_norm}). The last good checkpoint (step '
-          f'{self.ckpt.latest_step()}) is kept; lower optim.base_lr or lengthen the warmup, then rerun.')
+          f'The loss, gradient or update was not finite at step {bad[0]} ({len(bad)} steps since the last check; '
+          f'their updates were skipped). The last good checkpoint (step {self.ckpt.latest_step()}) is kept; lower '
+          'optim.base_lr or lengthen the warmup, then rerun.')
+
+  def save(self, step: int, state: Any, meta: dict[str, Any], wait: bool = False) -> None:
+    """Saves (async unless `wait`); a failed write stops the run with one message, earlier steps kept."""
+    self.check_saves(blocking=True)  # Orbax finishes the previous save first anyway; its error names its step
+    try:
+      self.ckpt.save(step, state, {'step': step, **meta, 'config': checkpoint.config_dict(self.config)})
+    except Exception as e:  # pylint: disable=broad-except  (disk full, permissions, a bucket going away)
+      self.save_failed(step, e)
+    self.saving = step
+    if wait:
+      self.check_saves(blocking=True)
+
+  def check_saves(self, blocking: bool = False) -> None:
+    """Raises the failure of the save in flight (at once, or after waiting for it when `blocking`)."""
+    if self.saving is None:
+      return
+    try:
+      self.ckpt.wait() if blocking else self.ckpt.check_for_errors()
+    except Exception as e:  # pylint: disable=broad-except
+      self.save_failed(self.saving, e)
+    if blocking:
+      self.saving = None
+
+  def save_failed(self, step: int, error: Exception) -> None:
+    self.ckpt.remove_partial_saves()
+    reason = f'{type(error).__name__}: {str(error).splitlines()[0]}' if str(error) else type(error).__name__
+    raise UserError(f'Saving step {step} to {self.ckpt.directory} failed ({reason}). The earlier checkpoints are '
+                    'kept; free space or fix the path, then rerun the same command to resume.') from error
 
   def close(self, *others: checkpoint.Checkpointer) -> None:
     """Waits for the async saves of this run's checkpoints (and `others`) and closes them."""
-    for manager in (self.ckpt, *others):
-      manager.wait()
-      manager.close()
+    try:
+      self.check_saves(blocking=True)
+      for manager in others:
+        manager.wait()
+    finally:
+      for manager in (self.ckpt, *others):
+        manager.close()
