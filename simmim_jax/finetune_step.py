@@ -9,8 +9,11 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from simmim_jax import losses, mixup, optim, sharding
+from simmim_jax import losses, mixup, optim, pixels, sharding
+from simmim_jax.defaults import IMAGENET_MEAN, IMAGENET_STD
 from simmim_jax.models.classifier import Classifier
+
+ERASE_STREAM = 2**31 - 3  # the random-erasing noise's key stream, apart from Mixup's and dropout's
 
 
 @flax.struct.dataclass
@@ -69,13 +72,18 @@ def abstract_state(model: Classifier, tx: optax.GradientTransformation, config: 
 def make_train_step(model: Classifier, tx: optax.GradientTransformation, schedule: optim.Schedule,
                     config: ml_collections.ConfigDict, mesh: Mesh, num_classes: int,
                     state_shardings: Any) -> Callable:
-  """jit(step(state, batch) -> (state, metrics)): Mixup/CutMix on device, soft-target cross-entropy."""
+  """jit(step(state, batch) -> (state, metrics)): uint8 images normalised on device, the host-drawn random
+  erasing boxes ('erase', if present) filled, Mixup/CutMix on device, soft-target cross-entropy."""
   base_key = jax.random.key(config.seed)
   mix = config.mixup
 
   def step(state: ClassifierState, batch: dict[str, jax.Array]) -> tuple[ClassifierState, dict[str, jax.Array]]:
-    mix_key, drop_key = jax.random.split(jax.random.fold_in(base_key, state.step))
-    images, targets = mixup.mixup_cutmix(mix_key, batch['image'], batch['label'], num_classes,
+    step_key = jax.random.fold_in(base_key, state.step)
+    mix_key, drop_key = jax.random.split(step_key)
+    images = pixels.normalise(batch['image'], config.data.mean, config.data.std)
+    if 'erase' in batch:  # timm's order: Normalize -> RandomErasing (per image) -> Mixup (per batch)
+      images = pixels.erase(jax.random.fold_in(step_key, ERASE_STREAM), images, batch['erase'])
+    images, targets = mixup.mixup_cutmix(mix_key, images, batch['label'], num_classes,
                                          mixup_alpha=mix.mixup_alpha, cutmix_alpha=mix.cutmix_alpha, prob=mix.prob,
                                          switch_prob=mix.switch_prob, label_smoothing=mix.label_smoothing)
 
@@ -95,14 +103,18 @@ def make_train_step(model: Classifier, tx: optax.GradientTransformation, schedul
                  out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
 
 
-def make_eval_step(model: Classifier, mesh: Mesh, state_shardings: Any) -> Callable:
+def make_eval_step(model: Classifier, mesh: Mesh, state_shardings: Any,
+                   config: ml_collections.ConfigDict | None = None) -> Callable:
   """jit(state, batch) -> integer counts {correct_top1, correct_top5, count} and the summed loss.
 
-  Padding rows (valid = 0) count nowhere, so summing over a padded split counts every example once.
+  uint8 images are normalised on device with config.data.mean / std (config None: ImageNet's, the default of
+  every recipe). Padding rows (valid = 0) count nowhere, so summing over a padded split counts every example once.
   """
+  mean, std = (config.data.mean, config.data.std) if config is not None else (IMAGENET_MEAN, IMAGENET_STD)
 
   def evaluate(state: ClassifierState, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    logits = model.apply({'params': state.params, 'batch_stats': state.batch_stats}, batch['image'], train=False)
+    images = pixels.normalise(batch['image'], mean, std)
+    logits = model.apply({'params': state.params, 'batch_stats': state.batch_stats}, images, train=False)
     labels, valid = batch['label'], batch['valid'].astype(jnp.int32)
     top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
     nll = losses.cross_entropy(logits, jax.nn.one_hot(labels, logits.shape[-1]))

@@ -10,10 +10,11 @@ from simmim_jax.feed import Batch
 
 def image_batches(batch_size: int, image_size: int, in_chans: int = 3, seed: int = 0, start_batch: int = 0,
                   process_index: int = 0, process_count: int = 1, pool: int = 4) -> Iterator[Batch]:
-  """Endless random images (B, S, S, C). batch_size is global; this process yields its rows of it, from a
-  pool of `pool` global batches drawn once from the seed and cycled."""
+  """Endless random uint8 images (B, S, S, C), as the real pipelines ship them (normalised on device).
+  batch_size is global; this process yields its rows of it, from a pool of `pool` global batches drawn once
+  from the seed and cycled."""
   rng = np.random.default_rng(seed)
-  images = rng.standard_normal((pool, batch_size, image_size, image_size, in_chans), dtype=np.float32)
+  images = rng.integers(0, 256, (pool, batch_size, image_size, image_size, in_chans), dtype=np.uint8)
   local = batch_size // process_count
   rows = slice(process_index * local, (process_index + 1) * local)
   labels = np.zeros((local,), np.int32)

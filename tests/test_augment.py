@@ -1,16 +1,19 @@
 """timm fine-tune augmentations in TF against PIL (what timm runs), determinism, parsing, erasing, eval
 crop; the classification pipelines (exact evaluation on 8 simulated processes, resumable training)."""
 import collections
+import io
 import itertools
 import math
 
+import jax
 import numpy as np
 import pytest
 import tensorflow as tf
 from PIL import Image, ImageEnhance, ImageOps
 
-from simmim_jax import defaults
+from simmim_jax import defaults, pixels
 from simmim_jax.data import augment, classification
+from simmim_jax.data import images as images_lib
 from simmim_jax.data.builders import digits
 
 FILL = (124, 116, 104)  # timm img_mean for the ImageNet mean
@@ -298,8 +301,8 @@ def test_eval_images_are_the_deterministic_centre_crop(digits_dir):
   np.testing.assert_array_equal(first['image'], again[0]['image'])
   raw = next(digits.ensure_prepared(digits_dir).as_dataset(split='test').as_numpy_iterator())
   expected = augment.resize_center_crop(tf.constant(raw['image']), 16).numpy()  # 8 -> 18 -> crop 16
-  mean, std = np.array(data.mean, np.float32), np.array(data.std, np.float32)
-  np.testing.assert_allclose(first['image'][0] * std + mean, np.repeat(expected, 3, -1) / 255, atol=1e-5)
+  assert first['image'].dtype == np.uint8  # normalised on device (finetune_step.make_eval_step)
+  np.testing.assert_array_equal(first['image'][0], np.repeat(expected, 3, -1))
   assert int(first['label'][0]) == int(raw['label'])
 
 
@@ -320,13 +323,55 @@ def test_train_batches_deterministic_resumable_and_augmented(digits_dir):
     np.testing.assert_array_equal(a['label'], b['label'])
   assert not np.array_equal(first[0]['image'], _train(data, 1, seed=1)[0]['image'])
   batch = first[0]
-  assert batch['image'].shape == (16, 16, 16, 3) and batch['image'].dtype == np.float32
+  assert batch['image'].shape == (16, 16, 16, 3) and batch['image'].dtype == np.uint8
+  assert batch['erase'].shape == (16, 4) and batch['erase'].dtype == np.int32
   assert batch['label'].dtype == np.int32 and set(batch['label']) <= set(range(10))
-  # Colour ops (and erasing noise) break the grey digits' R = G = B on some images but not all.
-  pixels = np.concatenate([b['image'] for b in first]) * np.array(data.std) + np.array(data.mean)
-  coloured = np.abs(pixels[..., 0] - pixels[..., 2]).max(axis=(1, 2)) > 0.02
+  # Colour ops break the grey digits' R = G = B on some images but not all.
+  images = np.concatenate([b['image'] for b in first]).astype(int)
+  coloured = np.abs(images[..., 0] - images[..., 2]).max(axis=(1, 2)) > 5
   assert 0.1 < coloured.mean() < 0.9
-  plain = _train(_data(digits_dir, split='test', rand_augment=None, random_erasing=0.0), 1)[0]['image']
-  plain = plain * np.array(data.std, np.float32) + np.array(data.mean, np.float32)
-  np.testing.assert_allclose(plain[..., 0], plain[..., 2], atol=1e-5)
-  np.testing.assert_allclose(plain * 255, np.round(plain * 255), atol=1e-3)  # uint8 levels, as PIL
+  boxes = np.concatenate([b['erase'] for b in first])
+  assert 0.1 < np.mean(boxes[:, 2] > 0) < 0.45  # random erasing 0.25: a box on about a quarter of the images
+  plain = _train(_data(digits_dir, split='test', rand_augment=None, random_erasing=0.0), 1)[0]
+  np.testing.assert_array_equal(plain['image'][..., 0], plain['image'][..., 2])
+  assert not plain['erase'].any()
+
+
+def _previous_train_transform(key, encoded, data, image_size: int) -> tf.Tensor:
+  """The host transform before uint8 batches: full decode, crop, ..., normalise and erase on the host."""
+  crop_key, flip_key, ra_key, erase_key = tf.unstack(tf.random.experimental.stateless_split(key, 4))
+  image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+  shape = tf.shape(image)
+  y, x, h, w = images_lib.random_resized_crop_window(crop_key, shape[0], shape[1], data.crop_scale, data.crop_ratio)
+  image = augment.resize(image[y:y + h, x:x + w], image_size, image_size, data.interpolation)
+  image = tf.where(tf.random.stateless_uniform([], flip_key) < 0.5, image[:, ::-1], image)
+  image = augment.rand_augment(ra_key, image, augment.parse_rand_augment(data.rand_augment),
+                               classification.fill_colour(data), data.interpolation)
+  image = (image / 255.0 - tf.constant(data.mean, tf.float32)) / tf.constant(data.std, tf.float32)
+  return augment.random_erasing(erase_key, image, data.random_erasing)
+
+
+def test_finetune_batch_normalised_on_device_equals_the_host_transform():
+  data = _data('', random_erasing=0.5)
+  encoded = []
+  for i in range(16):
+    out = io.BytesIO()
+    Image.fromarray(_photo(40 + i, 48, seed=i)).save(out, 'PNG')  # PNG: the crop decode is exact
+    encoded.append(tf.constant(out.getvalue()))
+  keys = [tf.constant([9, i], tf.int64) for i in range(16)]
+  new = [classification.train_transform(k, e, data, 24) for k, e in zip(keys, encoded)]
+  batch = {'image': np.stack([n['image'].numpy() for n in new]), 'erase': np.stack([n['erase'].numpy() for n in new])}
+  host = np.stack([_previous_train_transform(k, e, data, 24).numpy() for k, e in zip(keys, encoded)])
+  device = np.asarray(jax.jit(lambda b: pixels.erase(jax.random.key(0), pixels.normalise(
+      b['image'], data.mean, data.std), b['erase']))(batch))
+  top, left, h, w = batch['erase'].T
+  rows, cols = np.arange(24)[None, :, None], np.arange(24)[None, None, :]
+  inside = ((rows >= top[:, None, None]) & (rows < (top + h)[:, None, None]) & (cols >= left[:, None, None])
+            & (cols < (left + w)[:, None, None]))
+  assert 0.2 < np.mean(h > 0) < 0.8 and inside.any()
+  # The same box on the host (its noise is not 0 anywhere) and the same pixels outside it, to 1e-6.
+  plain = np.asarray(jax.jit(lambda x: pixels.normalise(x, data.mean, data.std))(batch['image']))
+  np.testing.assert_array_equal(np.any(np.abs(host - plain) > 1e-4, axis=-1), inside)
+  np.testing.assert_allclose(device[~inside], host[~inside], rtol=0, atol=1e-6)
+  noise = device[inside]
+  assert abs(noise.mean()) < 0.2 and abs(noise.std() - 1) < 0.2

@@ -1,14 +1,19 @@
-"""The image pipeline: offline digits builder, determinism, resume, process slices, crops, errors."""
+"""The image pipeline: offline digits builder, determinism, resume, process slices, crops, errors, decoding only
+the crop, uint8 batches normalised on device."""
 import collections
 import itertools
 import time
 
+import io
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow as tf
 from PIL import Image
 
-from simmim_jax import defaults
+from simmim_jax import defaults, pixels
 from simmim_jax.data import images, sources
 from simmim_jax.data.builders import digits
 
@@ -50,12 +55,11 @@ def test_digits_builder_prepares_offline(digits_dir):
 def test_batches_shape_dtype_and_grayscale_to_rgb(digits_dir):
   data = _config(digits_dir)
   (batch,) = _take(data, 1, image_size=32)
-  assert batch['image'].shape == (64, 32, 32, 3) and batch['image'].dtype == np.float32
+  assert batch['image'].shape == (64, 32, 32, 3) and batch['image'].dtype == np.uint8  # normalised on device
   assert batch['label'].shape == (64,) and batch['label'].dtype == np.int32
   assert set(batch['label']) <= set(range(10))
-  pixels = batch['image'] * np.array(data.std, np.float32) + np.array(data.mean, np.float32)
-  np.testing.assert_allclose(pixels[..., 0], pixels[..., 2], atol=1e-5)
-  assert -1e-5 <= pixels.min() and pixels.max() <= 1 + 1e-5
+  np.testing.assert_array_equal(batch['image'][..., 0], batch['image'][..., 2])
+  assert batch['image'].min() == 0 and batch['image'].max() == 255
 
 
 def test_same_seed_same_batches_other_seed_differs(digits_dir):
@@ -82,9 +86,8 @@ def test_start_batch_resumes_exactly_across_epochs(digits_dir):
 
 
 def test_process_slices_are_disjoint_and_cover_the_split(digits_dir):
-  # Full-image crop at the native 8x8 size, no flip, no normalisation: the raw pixels come back.
-  data = _config(digits_dir, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip=False,
-                 mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+  # Full-image crop at the native 8x8 size, no flip: the raw pixels come back.
+  data = _config(digits_dir, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip=False)
   builder = digits.ensure_prepared(digits_dir)
   everything = collections.Counter(
       (ex['image'].tobytes(), int(ex['label']))
@@ -96,14 +99,14 @@ def test_process_slices_are_disjoint_and_cover_the_split(digits_dir):
                     process_count=2)
     for batch in batches:
       for image, label in zip(batch['image'], batch['label']):
-        raw = np.round(image[..., :1] * 255).astype(np.uint8)
+        raw = image[..., :1]
         seen[(raw.tobytes(), int(label))] += 1
   assert sum(seen.values()) == 2 * per_process
   assert not seen - everything  # no example twice and nothing foreign: the slices partition the split
 
 
 def test_flip_mirrors_about_half_the_images(digits_dir):
-  raw = dict(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), mean=(0.0,) * 3, std=(1.0,) * 3)
+  raw = dict(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0))
   kept = _take(_config(digits_dir, flip=False, **raw), 2, image_size=8)
   maybe = _take(_config(digits_dir, flip=True, **raw), 2, image_size=8)
   plain = np.concatenate([b['image'] for b in kept])
@@ -170,9 +173,96 @@ def test_image_folder_constant_images_normalise(tmp_path):
   assert sources.num_examples(data) == 6
   (batch,) = list(itertools.islice(
       images.pretrain_batches(data, image_size=4, batch_size=6, seed=0), 1))
-  assert batch['image'].shape == (6, 4, 4, 3) and batch['image'].dtype == np.float32
+  assert batch['image'].shape == (6, 4, 4, 3) and batch['image'].dtype == np.uint8
+  normalised = np.asarray(pixels.normalise(jnp.asarray(batch['image']), data.mean, data.std))
   mean, std = np.array(data.mean, np.float32), np.array(data.std, np.float32)
-  for image, label in zip(batch['image'], batch['label']):
+  for image, label in zip(normalised, batch['label']):
     expected = (values['ab'[label]] / 255 - mean) / std
-    np.testing.assert_allclose(image, np.broadcast_to(expected, image.shape), atol=1e-4)
+    np.testing.assert_allclose(image, np.broadcast_to(expected, image.shape), atol=1e-6)
   assert sorted(batch['label']) == [0, 0, 0, 1, 1, 1]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Decoding only the crop, uint8 to the device.
+
+def _jpeg(height: int, width: int, seed: int, quality: int = 90, mode: str = 'RGB') -> bytes:
+  """A smooth random photo-like JPEG (low-frequency colour fields plus a little noise)."""
+  rng = np.random.default_rng(seed)
+  small = rng.integers(0, 256, (height // 16 + 2, width // 16 + 2, 3)).astype(np.uint8)
+  image = Image.fromarray(small).resize((width, height), Image.BICUBIC)
+  noisy = np.clip(np.asarray(image, np.int16) + rng.integers(-12, 13, (height, width, 3)), 0, 255)
+  out = io.BytesIO()
+  Image.fromarray(noisy.astype(np.uint8)).convert(mode).save(out, 'JPEG', quality=quality)
+  return out.getvalue()
+
+
+def _full_decode_crop(key, encoded, scale, ratio) -> tf.Tensor:
+  """The previous path: decode everything, then draw the window from the decoded shape and crop."""
+  image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+  shape = tf.shape(image)
+  y, x, h, w = images.random_resized_crop_window(key, shape[0], shape[1], scale, ratio)
+  return image[y:y + h, x:x + w]
+
+
+@pytest.mark.parametrize('mode', ['RGB', 'L', 'CMYK'])
+def test_jpeg_crop_decode_draws_the_same_window_and_matches_decode_then_crop(mode):
+  scale, ratio = (0.08, 1.0), (3 / 4, 4 / 3)
+  edge = []
+  for i in range(60):
+    encoded = tf.constant(_jpeg(120 + 7 * (i % 5), 160 + 13 * (i % 3), seed=i, mode=mode))
+    key = tf.constant([i, 3], tf.int64)
+    ours, theirs = (fn(key, encoded, scale, ratio).numpy() for fn in (images.decode_crop, _full_decode_crop))
+    assert ours.shape == theirs.shape and ours.dtype == np.uint8  # the same window, to the pixel
+    # libjpeg decodes whole blocks from the block column holding the window's left edge and upsamples chroma
+    # across the window's left and right edge columns as edges of the image: only those two columns can differ.
+    np.testing.assert_array_equal(ours[:, 1:-1], theirs[:, 1:-1])
+    edge.append(np.abs(ours.astype(int) - theirs).max())
+  assert max(edge) <= 32 and (mode == 'L' or np.mean(np.array(edge) == 0) > 0.1), edge
+  if mode == 'L':  # no chroma: nothing to upsample, every pixel equal
+    assert max(edge) == 0
+
+
+def test_png_crop_is_exactly_decode_then_crop():
+  out = io.BytesIO()
+  Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 70, 4)).astype(np.uint8), 'RGBA').save(out, 'PNG')
+  encoded = tf.constant(out.getvalue())
+  for i in range(20):
+    key = tf.constant([i, 1], tf.int64)
+    np.testing.assert_array_equal(images.decode_crop(key, encoded, (0.2, 1.0), (3 / 4, 4 / 3)).numpy(),
+                                  _full_decode_crop(key, encoded, (0.2, 1.0), (3 / 4, 4 / 3)).numpy())
+
+
+def _host_normalised(key, encoded, data, size: int, rounded: bool) -> np.ndarray:
+  """The previous host transform, float32 and normalised on the host (rounded: with PIL's uint8 output)."""
+  crop_key, flip_key = tf.unstack(tf.random.experimental.stateless_split(key, 2))
+  image = tf.image.resize(_full_decode_crop(crop_key, encoded, data.crop_scale, data.crop_ratio), [size, size],
+                          'bilinear', antialias=True)
+  if rounded:
+    image = tf.clip_by_value(tf.round(image), 0.0, 255.0)
+  image = tf.where(tf.random.stateless_uniform([], flip_key) < 0.5, image[:, ::-1], image)
+  return ((image / 255.0 - tf.constant(data.mean, tf.float32)) / tf.constant(data.std, tf.float32)).numpy()
+
+
+def test_on_device_normalisation_equals_the_host_normalised_batch():
+  data = defaults.pretrain_config().data
+  encoded = [tf.constant(_jpeg(96, 128, seed=i)) for i in range(8)]
+  keys = [tf.constant([5, i], tf.int64) for i in range(8)]
+  batch = np.stack([images.augment_image(k, e, data, 64).numpy() for k, e in zip(keys, encoded)])
+  assert batch.dtype == np.uint8 and batch.nbytes * 4 == batch.size * np.dtype(np.float32).itemsize
+  device = np.asarray(jax.jit(lambda x: pixels.normalise(x, data.mean, data.std))(batch))
+  # Decode-then-crop on the host to isolate the normalisation: the same window through the full decode.
+  full = np.stack([images.to_uint8(tf.image.resize(_full_decode_crop(
+      tf.unstack(tf.random.experimental.stateless_split(k, 2))[0], e, data.crop_scale, data.crop_ratio),
+      [64, 64], 'bilinear', antialias=True)).numpy() for k, e in zip(keys, encoded)])
+  flips = [bool(tf.random.stateless_uniform([], tf.unstack(tf.random.experimental.stateless_split(k, 2))[1]) < 0.5)
+           for k in keys]
+  full = np.stack([f[:, ::-1] if flip else f for f, flip in zip(full, flips)])
+  host_rounded = np.stack([_host_normalised(k, e, data, 64, rounded=True) for k, e in zip(keys, encoded)])
+  np.testing.assert_allclose(np.asarray(pixels.normalise(jnp.asarray(full), data.mean, data.std)), host_rounded,
+                             rtol=0, atol=1e-6)  # normalisation on device == on the host
+  # Against the float host path: PIL's uint8 rounding (half a level) plus the crop decode's block-edge levels.
+  host = np.stack([_host_normalised(k, e, data, 64, rounded=False) for k, e in zip(keys, encoded)])
+  assert np.abs(np.asarray(pixels.normalise(jnp.asarray(full), data.mean, data.std)) - host).max() <= (
+      0.5 / 255 / min(data.std) + 1e-6)
+  assert np.abs(device - host).max() < 12 / 255 / min(data.std)
+  assert pixels.normalise(jnp.zeros((1, 2, 2, 3), jnp.float32), data.mean, data.std).dtype == jnp.float32

@@ -302,14 +302,12 @@ def rand_augment(key: tf.Tensor, image: tf.Tensor, params: RandAugmentParams, fi
 # ---------------------------------------------------------------------------------------------------
 # Random erasing (after normalisation) and the evaluation crop.
 
-def random_erasing(key: tf.Tensor, image: tf.Tensor, probability: float, min_area: float = 0.02,
-                   max_area: float = 1 / 3, min_aspect: float = 0.3) -> tf.Tensor:
-  """timm RandomErasing(mode='pixel', max_count=1): with `probability`, one box of standard-normal
-  pixels; area fraction U(min_area, max_area), log aspect U(log 0.3, log 1/0.3), 10 tries."""
-  height, width = tf.shape(image)[0], tf.shape(image)[1]
+def erase_box(key: tf.Tensor, height, width, probability: float, min_area: float = 0.02,
+              max_area: float = 1 / 3, min_aspect: float = 0.3) -> tf.Tensor:
+  """timm RandomErasing(mode='pixel', max_count=1)'s box: int32 (top, left, h, w), h = w = 0 for no erasing.
+  With `probability`; area fraction U(min_area, max_area), log aspect U(log 0.3, log 1/0.3), 10 tries."""
   h_f, w_f = tf.cast(height, tf.float64), tf.cast(width, tf.float64)
-  keys = tf.unstack(tf.random.experimental.stateless_split(key, 3))
-  u = tf.random.stateless_uniform([5, _ERASE_ATTEMPTS], keys[0], dtype=tf.float64)
+  u = tf.random.stateless_uniform([5, _ERASE_ATTEMPTS], key, dtype=tf.float64)
   target_area = (min_area + (max_area - min_area) * u[0]) * h_f * w_f
   log_lo, log_hi = math.log(min_aspect), math.log(1 / min_aspect)
   aspect = tf.exp(log_lo + (log_hi - log_lo) * u[1])
@@ -319,13 +317,23 @@ def random_erasing(key: tf.Tensor, image: tf.Tensor, probability: float, min_are
   first = tf.argmax(tf.cast(fits, tf.int32))
   top = tf.floor(u[2, first] * (h_f - h[first] + 1))  # random.randint(0, img_h - h)
   left = tf.floor(u[3, first] * (w_f - w[first] + 1))
-  rows = tf.cast(tf.range(height), tf.float64)[:, None, None]
-  cols = tf.cast(tf.range(width), tf.float64)[None, :, None]
-  box = (rows >= top) & (rows < top + h[first]) & (cols >= left) & (cols < left + w[first])
   erase = (u[4, 0] <= probability) & tf.reduce_any(fits)  # timm: skip when random() > probability
+  box = tf.cast(tf.stack([top, left, h[first], w[first]]), tf.int32)
+  return tf.where(erase, box, tf.zeros([4], tf.int32))
+
+
+def random_erasing(key: tf.Tensor, image: tf.Tensor, probability: float, min_area: float = 0.02,
+                   max_area: float = 1 / 3, min_aspect: float = 0.3) -> tf.Tensor:
+  """erase_box's box filled with standard-normal pixels, on the host (the pipelines ship the box instead and
+  fill it on the device: simmim_jax/pixels.erase)."""
+  height, width = tf.shape(image)[0], tf.shape(image)[1]
+  box_key, noise_key, _ = tf.unstack(tf.random.experimental.stateless_split(key, 3))
+  top, left, h, w = tf.unstack(erase_box(box_key, height, width, probability, min_area, max_area, min_aspect))
+  rows, cols = tf.range(height)[:, None, None], tf.range(width)[None, :, None]
+  box = (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w)
   # The noise is drawn only for erased images (tf.cond), a full-image draw would cost every image.
-  return tf.cond(erase, lambda: tf.where(box, tf.random.stateless_normal(
-      tf.shape(image), keys[1], dtype=image.dtype), image), lambda: image)
+  return tf.cond(h > 0, lambda: tf.where(box, tf.random.stateless_normal(
+      tf.shape(image), noise_key, dtype=image.dtype), image), lambda: image)
 
 
 def resize(image: tf.Tensor, height, width, interpolation: str) -> tf.Tensor:

@@ -3,6 +3,9 @@
 Training batches follow sources.keyed_batches (a pure function of seed, process and batch number, so a
 resumed run rebuilds the same batches). Evaluation reads every example of a split exactly once over all
 processes; each process pads its slice to the same number of batches and marks padding with valid = 0.
+
+Images leave the host as uint8 (the values PIL would hold); normalisation and the random-erasing fill run on
+the device (finetune_step, simmim_jax/pixels.py), the erasing box drawn here ('erase': top, left, h, w).
 """
 from __future__ import annotations
 
@@ -22,6 +25,12 @@ _INTERPOLATIONS = ('bicubic', 'bilinear')
 
 def num_classes(data: ml_collections.ConfigDict) -> int:
   """Classes of data.name's 'label' feature, from the tfds info."""
+  if data.name == sources.IMAGE_FOLDER:
+    classes = sources.folder_index(data).classes
+    if not classes:
+      raise ValueError(f'{data.data_dir!r} has no <split>/<label>/ folders; fine-tuning and linear probing need '
+                       'labelled images.')
+    return len(classes)
   builder = sources.prepared_builder(data)
   features = builder.info.features
   label = features['label'] if 'label' in features.keys() else None
@@ -47,41 +56,40 @@ def _check(data: ml_collections.ConfigDict) -> None:
 
 
 def _normalise(image: tf.Tensor, data: ml_collections.ConfigDict) -> tf.Tensor:
-  """uint8 values -> [0, 1] -> (x - mean) / std, as ToTensor + Normalize."""
-  return (image / 255.0 - tf.constant(data.mean, tf.float32)) / tf.constant(data.std, tf.float32)
+  """uint8 values -> [0, 1] -> (x - mean) / std, as ToTensor + Normalize (the device does this in training:
+  simmim_jax/pixels.normalise; kept as the reference the tests compare it with)."""
+  return (tf.cast(image, tf.float32) / 255.0 - tf.constant(data.mean, tf.float32)) / tf.constant(data.std, tf.float32)
 
 
 def train_transform(key: tf.Tensor, encoded: tf.Tensor, data: ml_collections.ConfigDict,
-                    image_size: int) -> tf.Tensor:
-  """timm create_transform(is_training=True): RandomResizedCrop -> flip -> RandAugment -> normalise ->
-  RandomErasing('pixel'); float32 (S, S, 3)."""
+                    image_size: int) -> dict[str, tf.Tensor]:
+  """timm create_transform(is_training=True) up to ToTensor: RandomResizedCrop -> flip -> RandAugment;
+  {'image': uint8 (S, S, 3), 'erase': int32 (4,) RandomErasing('pixel')'s box, all 0 for none}. Normalise
+  and the erasing fill follow on the device, in timm's order."""
   crop_key, flip_key, ra_key, erase_key = tf.unstack(tf.random.experimental.stateless_split(key, 4))
-  image = tf.io.decode_image(encoded, channels=3, expand_animations=False)  # grayscale -> RGB
-  shape = tf.shape(image)
-  y, x, h, w = images.random_resized_crop_window(crop_key, shape[0], shape[1], data.crop_scale,
-                                                 data.crop_ratio)
-  image = augment.resize(image[y:y + h, x:x + w], image_size, image_size, data.interpolation)
+  crop = images.decode_crop(crop_key, encoded, data.crop_scale, data.crop_ratio)  # only the window decoded
+  image = augment.resize(crop, image_size, image_size, data.interpolation)
   if data.flip:
-    image = tf.where(tf.random.stateless_uniform([], flip_key) < 0.5, image[:, ::-1], image)
+    image = tf.cond(tf.random.stateless_uniform([], flip_key) < 0.5, lambda: image[:, ::-1], lambda: image)
   if data.rand_augment:
     params = augment.parse_rand_augment(data.rand_augment)
     image = augment.rand_augment(ra_key, image, params, fill_colour(data), data.interpolation)
-  image = _normalise(image, data)
-  if data.random_erasing > 0:
-    image = augment.random_erasing(erase_key, image, data.random_erasing)
-  return image
+  # random_erasing's key split: the box from the first key, as augment.random_erasing draws it on the host.
+  box_key = tf.unstack(tf.random.experimental.stateless_split(erase_key, 3))[0]
+  box = augment.erase_box(box_key, image_size, image_size, data.random_erasing)
+  return {'image': images.to_uint8(image), 'erase': box}
 
 
 def eval_transform(encoded: tf.Tensor, data: ml_collections.ConfigDict, image_size: int) -> tf.Tensor:
-  """Resize the shorter side to int(256/224 * S), centre-crop S, normalise; float32 (S, S, 3)."""
+  """Resize the shorter side to int(256/224 * S), centre-crop S; uint8 (S, S, 3), normalised on device."""
   image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
-  return _normalise(augment.resize_center_crop(image, image_size, data.interpolation), data)
+  return images.to_uint8(augment.resize_center_crop(image, image_size, data.interpolation))
 
 
 def train_batches(data: ml_collections.ConfigDict, *, image_size: int, batch_size: int, seed: int,
                   start_batch: int = 0, process_index: int | None = None,
                   process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-  """Endless per-process batches {'image': f32 (B, S, S, 3) normalised, 'label': i32 (B,)}."""
+  """Endless per-process batches {'image': uint8 (B, S, S, 3), 'erase': i32 (B, 4), 'label': i32 (B,)}."""
   _check(data)
   num_classes(data)  # labels are required
   return sources.keyed_batches(
@@ -97,33 +105,37 @@ def _slice_bounds(total: int, count: int) -> list[tuple[int, int]]:
   return list(zip(starts[:-1], starts[1:]))
 
 
-def _eval_slice(builder: tfds.core.DatasetBuilder, split: str, index: int,
+def _eval_slice(data: ml_collections.ConfigDict, split: str, index: int,
                 count: int) -> tuple[tf.data.Dataset, int, int]:
   """This process's slice of the whole split (nothing dropped), its size, and the largest slice size."""
-  decoders = {'image': tfds.decode.SkipDecoding()}
-  if isinstance(builder, tfds.ImageFolder):  # no sub-split API: take a contiguous range
-    bounds = _slice_bounds(sources.split_size(builder, split), count)
+  if data.name == sources.IMAGE_FOLDER:  # a contiguous range of the index; only those files are read
+    found = sources.folder_index(data, split)
+    bounds = _slice_bounds(len(found), count)
     start, end = bounds[index]
-    ds = builder.as_dataset(split=split, shuffle_files=False, decoders=decoders)
-    return ds.skip(start).take(end - start), end - start, max(e - s for s, e in bounds)
+    ds = tf.data.Dataset.from_tensor_slices((list(found.paths[start:end]) or [''], found.labels[start:end]
+                                             if end > start else np.zeros([1], np.int32))).take(end - start)
+    return sources.read_files(ds), end - start, max(e - s for s, e in bounds)
+  builder = sources.prepared_builder(data)
+  decoders = {'image': tfds.decode.SkipDecoding()}
   subs = tfds.even_splits(split, n=count, drop_remainder=False)
   sizes = [sources.split_size(builder, sub) for sub in subs]
   # An empty sub-split (more processes than examples) cannot be read: take nothing from the split.
   sub, take = (subs[index], -1) if sizes[index] else (split, 0)
-  ds = builder.as_dataset(split=sub, shuffle_files=False, decoders=decoders).take(take)
+  ds = builder.as_dataset(split=sub, shuffle_files=False, decoders=decoders,
+                          read_config=sources.read_config()).take(take)
   return ds, sizes[index], max(sizes)
 
 
 def eval_batches(data: ml_collections.ConfigDict, *, image_size: int, batch_size: int, split: str,
                  process_index: int | None = None,
                  process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-  """Finite per-process batches {'image', 'label', 'valid' (i32 1 real / 0 padding)}: every example
+  """Finite per-process batches {'image' uint8, 'label', 'valid' (i32 1 real / 0 padding)}: every example
   of `split` once over all processes, and the same number of batches on every process."""
   _check(data)
   num_classes(data)
   index = jax.process_index() if process_index is None else process_index
   count = jax.process_count() if process_count is None else process_count
-  source, size, largest = _eval_slice(sources.prepared_builder(data), split, index, count)
+  source, size, largest = _eval_slice(data, split, index, count)
   num_batches = math.ceil(largest / batch_size)
 
   def prepare(example) -> dict[str, tf.Tensor]:
@@ -132,8 +144,8 @@ def eval_batches(data: ml_collections.ConfigDict, *, image_size: int, batch_size
 
   ds = source.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   padding = tf.data.Dataset.from_tensors({
-      'image': tf.zeros([image_size, image_size, 3], tf.float32),
+      'image': tf.zeros([image_size, image_size, 3], tf.uint8),
       'label': tf.constant(0, tf.int32), 'valid': tf.constant(0, tf.int32)})
   ds = ds.concatenate(padding.repeat(num_batches * batch_size - size))
   ds = ds.batch(batch_size, drop_remainder=True).prefetch(data.prefetch)
-  return iter(tfds.as_numpy(ds))
+  return iter(tfds.as_numpy(sources.with_options(ds, data)))

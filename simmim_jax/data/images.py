@@ -1,5 +1,10 @@
-"""SimMIM's pretraining augmentation: RandomResizedCrop (bilinear) -> horizontal flip -> normalise, as stateless
-TF ops from a per-example key, and the endless pretraining batches (sources.keyed_batches) it makes.
+"""SimMIM's pretraining augmentation: RandomResizedCrop (bilinear) -> horizontal flip, as stateless TF ops from a
+per-example key, and the endless pretraining batches (sources.keyed_batches) it makes.
+
+Only the crop is decoded: a JPEG's size comes from its header (extract_jpeg_shape), the window is drawn from it
+exactly as from the decoded image, and decode_and_crop_jpeg decodes just those rows and blocks; other formats
+decode whole and are cropped. Batches leave the host as uint8 (PIL's resize output, as the official transform);
+ToTensor + Normalize run on the device (simmim_jax/pixels.py), with data.mean / data.std.
 
 random_resized_crop_window is torchvision's crop draw; classification's fine-tuning augmentation uses it too.
 """
@@ -12,7 +17,7 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from simmim_jax.data import sources
+from simmim_jax.data import augment, sources
 
 _CROP_ATTEMPTS = 10  # torchvision RandomResizedCrop tries 10 windows before its centre-crop fallback
 
@@ -41,28 +46,48 @@ def random_resized_crop_window(seed: tf.Tensor, height, width, scale: Sequence[f
   return tuple(tf.cast(v, tf.int32) for v in window)
 
 
-def _augment(key: tf.Tensor, encoded: tf.Tensor, data: ml_collections.ConfigDict,
-             image_size: int) -> tf.Tensor:
-  """SimMIM: RandomResizedCrop (bilinear) -> horizontal flip -> [0, 1] -> normalise."""
-  image = tf.io.decode_image(encoded, channels=3, expand_animations=False)  # grayscale -> RGB
+def decode_crop(key: tf.Tensor, encoded: tf.Tensor, scale: Sequence[float],
+                ratio: Sequence[float]) -> tf.Tensor:
+  """The RandomResizedCrop window of an encoded image, decoded to uint8 RGB (h, w, 3).
+
+  The window is drawn from the image size with `key` as random_resized_crop_window always does, so it is the
+  window a full decode would give; JPEGs decode only that window. Grayscale, RGBA, CMYK and 16-bit -> RGB.
+  """
+  def jpeg() -> tf.Tensor:
+    shape = tf.image.extract_jpeg_shape(encoded)
+    y, x, h, w = random_resized_crop_window(key, shape[0], shape[1], scale, ratio)
+    return tf.image.decode_and_crop_jpeg(encoded, tf.stack([y, x, h, w]), channels=3)
+
+  def other() -> tf.Tensor:
+    image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+    shape = tf.shape(image)
+    y, x, h, w = random_resized_crop_window(key, shape[0], shape[1], scale, ratio)
+    return image[y:y + h, x:x + w]
+
+  return tf.cond(tf.io.is_jpeg(encoded), jpeg, other)
+
+
+def to_uint8(image: tf.Tensor) -> tf.Tensor:
+  """Float pixels that already hold rounded 0..255 values -> uint8 (the bytes that go to the device)."""
+  return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+
+
+def augment_image(key: tf.Tensor, encoded: tf.Tensor, data: ml_collections.ConfigDict,
+                  image_size: int) -> tf.Tensor:
+  """SimMIM: RandomResizedCrop (bilinear) -> horizontal flip; uint8 (S, S, 3), normalised later on device."""
   crop_key, flip_key = tf.unstack(tf.random.experimental.stateless_split(key, 2))
-  shape = tf.shape(image)
-  y, x, h, w = random_resized_crop_window(crop_key, shape[0], shape[1], data.crop_scale,
-                                          data.crop_ratio)
-  # antialias=True follows PIL's bilinear resize, which the official (PIL-based) pipeline uses.
-  image = tf.image.resize(image[y:y + h, x:x + w], [image_size, image_size], 'bilinear',
-                          antialias=True)
+  crop = decode_crop(crop_key, encoded, data.crop_scale, data.crop_ratio)
+  # Antialiased bilinear, rounded to uint8: PIL's resize, which the official (PIL-based) pipeline uses.
+  image = to_uint8(augment.resize(crop, image_size, image_size, 'bilinear'))
   if data.flip:
-    image = tf.where(tf.random.stateless_uniform([], flip_key) < 0.5, image[:, ::-1], image)
-  mean = tf.constant(data.mean, tf.float32)
-  std = tf.constant(data.std, tf.float32)
-  return (image / 255.0 - mean) / std
+    image = tf.cond(tf.random.stateless_uniform([], flip_key) < 0.5, lambda: image[:, ::-1], lambda: image)
+  return image
 
 
 def pretrain_batches(data: ml_collections.ConfigDict, *, image_size: int, batch_size: int,
                      seed: int, start_batch: int = 0, process_index: int | None = None,
                      process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-  """Endless per-process batches {'image': f32 (B, S, S, 3), 'label': i32 (B,)}, from batch start_batch."""
-  return sources.keyed_batches(data, lambda key, encoded: _augment(key, encoded, data, image_size),
+  """Endless per-process batches {'image': uint8 (B, S, S, 3), 'label': i32 (B,)}, from batch start_batch."""
+  return sources.keyed_batches(data, lambda key, encoded: augment_image(key, encoded, data, image_size),
                                batch_size=batch_size, seed=seed, start_batch=start_batch,
                                process_index=process_index, process_count=process_count)

@@ -63,6 +63,11 @@ def split_images(data: ml_collections.ConfigDict, num_images: int, image_size: i
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   from simmim_jax.data import sources  # pylint: disable=import-outside-toplevel  (imports TensorFlow)
 
+  if data.name == sources.IMAGE_FOLDER:  # labelled or not: the checked files, in path order
+    paths = sorted(sources.folder_index(data).paths)
+    if len(paths) < num_images:
+      raise ValueError(f'{data.data_dir} has {len(paths)} images, fewer than the {num_images} asked for.')
+    return file_images(paths[:num_images], num_images, image_size, data.mean, data.std)
   builder = sources.prepared_builder(data)
   available = sources.split_size(builder, data.split)
   if available < num_images:

@@ -4,6 +4,10 @@ Batches from keyed_batches are a pure function of (seed, process, batch number):
 from (seed, process, e), and each example's transform gets a stateless key from (epoch, index within the
 epoch). So resuming at batch k rebuilds exactly the batches k, k+1, ... without decoding the examples before
 it. Each epoch drops its last partial batch, so batches never straddle two epochs.
+
+image_folder reads files listed by data/folders.py instead of a tfds builder; every pipeline here runs on a
+private thread pool sized to the host (data.threads) with autotuned parallel maps, and reads tfrecord shards
+or files in parallel.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from simmim_jax.data import folders
 from simmim_jax.data.builders import digits, pydoc_topics
 
 try:
@@ -24,7 +29,7 @@ try:
 except RuntimeError:  # TF already initialised its devices elsewhere; nothing left to hide.
   pass
 
-IMAGE_FOLDER = 'image_folder'  # <data_dir>/<split>/<label>/*.jpg|png, read by tfds.ImageFolder
+IMAGE_FOLDER = 'image_folder'  # <data_dir>/<split>/<label>/*.jpg, or any folder / glob / list (data/folders.py)
 # Real datasets shipped inside installed packages: prepared locally, so they never need a download.
 _EMBEDDED = {digits.NAME: digits.ensure_prepared, pydoc_topics.NAME: pydoc_topics.ensure_prepared}
 
@@ -38,10 +43,11 @@ def prepared_builder(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilde
   if data.name in _EMBEDDED:
     return _EMBEDDED[data.name](data.data_dir)
   if data.name == IMAGE_FOLDER:
-    if not data.data_dir or not os.path.isdir(os.path.expanduser(data.data_dir)):
+    # Only the labelled layout has a tfds builder; the pipelines here read image_folder through folder_index.
+    if not data.data_dir or not folders.is_labelled(os.path.expanduser(data.data_dir), data.split):
       raise DatasetNotFoundError(
-          f'{IMAGE_FOLDER} needs data.data_dir set to an existing folder laid out as '
-          f'<data_dir>/<split>/<label>/*.jpg|png; got data_dir={data.data_dir!r}.')
+          f'{IMAGE_FOLDER} as a tfds builder needs data.data_dir laid out as <data_dir>/<split>/<label>/*.jpg; '
+          f'got data_dir={data.data_dir!r}, split={data.split!r}.')
     return tfds.ImageFolder(os.path.expanduser(data.data_dir))
   where = os.path.expanduser(data.data_dir) if data.data_dir else tfds.core.constants.DATA_DIR
   offline = (f'Without tfds: data.name={digits.NAME} or {IMAGE_FOLDER} for images, {pydoc_topics.NAME} or '
@@ -72,31 +78,76 @@ def split_size(builder: tfds.core.DatasetBuilder, split: str) -> int:
                      f'{list(builder.info.splits.keys())}. ({e})') from None
 
 
+def folder_index(data: ml_collections.ConfigDict, split: str | None = None) -> folders.FolderIndex:
+  """The checked index of an image_folder split (data/folders.py), with DatasetNotFoundError for no images."""
+  if not data.data_dir:
+    raise DatasetNotFoundError(f'{IMAGE_FOLDER} needs data.data_dir: a folder (<split>/<label>/ or any images, '
+                               'recursive), a glob, or a comma-separated list of those and .txt file lists.')
+  try:
+    return folders.folder_index(str(data.data_dir), split or data.split, data.get('bad_images', 'skip'))
+  except FileNotFoundError as e:
+    raise DatasetNotFoundError(f'{IMAGE_FOLDER}: {e}') from None
+
+
 def num_examples(data: ml_collections.ConfigDict) -> int:
   """Examples in data.split, all processes together."""
+  if data.name == IMAGE_FOLDER:
+    return len(folder_index(data))
   return split_size(prepared_builder(data), data.split)
 
 
-def _process_slice(builder: tfds.core.DatasetBuilder, split: str, index: int,
-                   count: int) -> tuple[tf.data.Dataset, int]:
-  """This process's equal-size slice of the split, images left encoded, and its size."""
+def host_threads(data: ml_collections.ConfigDict) -> int:
+  """Threads for the input pipeline: data.threads, or every core this process may run on (taskset, cgroups)."""
+  return data.get('threads') or len(os.sched_getaffinity(0))
+
+
+def with_options(ds: tf.data.Dataset, data: ml_collections.ConfigDict) -> tf.data.Dataset:
+  """A private thread pool sized to the host (not TF's global one, shared with anything else in the
+  process), autotuned parallelism and buffers, and the order kept (batches are a function of the key)."""
+  options = tf.data.Options()
+  options.threading.private_threadpool_size = host_threads(data)
+  options.autotune.enabled = True
+  options.deterministic = True
+  return ds.with_options(options)
+
+
+def read_config() -> tfds.ReadConfig:
+  """tfrecord shards read in parallel (an autotuned interleave over files, tfds's default cycle of 16, so the
+  example order is tfds's); no prefetch inside, the pipeline prefetches whole batches at its end."""
+  return tfds.ReadConfig(num_parallel_calls_for_interleave_files=tf.data.AUTOTUNE, skip_prefetch=True)
+
+
+def read_files(ds: tf.data.Dataset) -> tf.data.Dataset:
+  """(path, label) -> {'image': encoded bytes, 'label'}: files read in parallel, in order."""
+  return ds.map(lambda path, label: {'image': tf.io.read_file(path), 'label': label},
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def _process_slice(data: ml_collections.ConfigDict, index: int, count: int) -> tuple[tf.data.Dataset, int, bool]:
+  """This process's equal-size slice of the split, images left encoded; its size; whether the elements are
+  still file paths ((path, label): read them after the shuffle, so only this slice's kept files are read)."""
+  if data.name == IMAGE_FOLDER:  # slice the list itself: other processes' files are never opened
+    found = folder_index(data)
+    size = len(found) // count
+    rows = slice(index * size, (index + 1) * size)
+    return tf.data.Dataset.from_tensor_slices((list(found.paths[rows]), found.labels[rows])), size, True
+  builder = prepared_builder(data)
   decoders = {'image': tfds.decode.SkipDecoding()}  # decode later, only what is not skipped
-  if isinstance(builder, tfds.ImageFolder):  # no sub-split API: slice the (pre-shuffled) list
-    size = split_size(builder, split) // count
-    ds = builder.as_dataset(split=split, decoders=decoders).skip(index * size).take(size)
-    return ds, size
-  sub = tfds.even_splits(split, n=count, drop_remainder=True)[index]
-  return builder.as_dataset(split=sub, shuffle_files=False, decoders=decoders), split_size(builder, sub)
+  sub = tfds.even_splits(data.split, n=count, drop_remainder=True)[index]
+  ds = builder.as_dataset(split=sub, shuffle_files=False, decoders=decoders, read_config=read_config())
+  return ds.map(lambda ex: (ex['image'], ex.get('label', -1))), split_size(builder, sub), False
 
 
 def keyed_batches(data: ml_collections.ConfigDict,
-                  transform: Callable[[tf.Tensor, tf.Tensor], tf.Tensor], *, batch_size: int,
+                  transform: Callable[[tf.Tensor, tf.Tensor], tf.Tensor | dict[str, tf.Tensor]], *,
+                  batch_size: int,
                   seed: int, start_batch: int = 0, process_index: int | None = None,
                   process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-  """Endless batches of transform(example key, encoded image) and labels: the scheme in the module doc."""
+  """Endless batches of transform(example key, encoded image) (a tensor: 'image'; or a dict of features) and
+  labels: the scheme in the module doc."""
   index = jax.process_index() if process_index is None else process_index
   count = jax.process_count() if process_count is None else process_count
-  source, size = _process_slice(prepared_builder(data), data.split, index, count)
+  source, size, paths = _process_slice(data, index, count)
   epoch_batches = size // batch_size
   if epoch_batches == 0:
     raise ValueError(f'Process slice of {data.name}:{data.split} has {size} examples, fewer than '
@@ -113,14 +164,18 @@ def keyed_batches(data: ml_collections.ConfigDict,
         [], tf.random.experimental.stateless_fold_in(epoch_key(epoch), -1), minval=None,
         maxval=None, dtype=tf.int64)
     ds = source.shuffle(data.shuffle_buffer, seed=shuffle_seed).take(epoch_batches * batch_size)
-    return ds.enumerate().map(lambda i, ex: (epoch, i, ex['image'], ex.get('label', -1)))
+    return ds.enumerate().map(lambda i, ex: (epoch, i, *ex))
 
-  def prepare(epoch, i, encoded, label) -> dict[str, tf.Tensor]:
+  def prepare(epoch, i, item, label) -> dict[str, tf.Tensor]:
     key = tf.random.experimental.stateless_fold_in(epoch_key(epoch), i)
-    return {'image': transform(key, encoded), 'label': tf.cast(label, tf.int32)}
+    encoded = tf.io.read_file(item) if paths else item
+    out = transform(key, encoded)
+    out = out if isinstance(out, dict) else {'image': out}
+    return {**out, 'label': tf.cast(label, tf.int32)}
 
   ds = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).flat_map(one_epoch)
-  ds = ds.skip(skip_batches * batch_size)  # still encoded: skipping costs reading, not decoding
+  ds = ds.skip(skip_batches * batch_size)  # still encoded (or paths): skipping costs reading, not decoding
+  # One parallel map reads (image_folder) and decodes: the files of a batch are read concurrently.
   ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.batch(batch_size, drop_remainder=True).prefetch(data.prefetch)
-  return iter(tfds.as_numpy(ds))
+  return iter(tfds.as_numpy(with_options(ds, data)))

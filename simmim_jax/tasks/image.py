@@ -1,5 +1,8 @@
 """Images: SimMIM's masked pixel regression. Block mask on the model's patch grid, pixel decoder, L1 on the
-masked pixels only; reconstruction figures during training."""
+masked pixels only; reconstruction figures during training.
+
+Batches arrive as uint8 (B, H, W, C); ToTensor + Normalize (config.data.mean / std) run here, on the device,
+inside the jitted step (simmim_jax/pixels.py). A float batch is taken as already normalised."""
 import dataclasses
 import os
 from typing import Any
@@ -9,7 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh
 
-from simmim_jax import losses, masking, models, sharding, synthetic, visualize
+from simmim_jax import losses, masking, models, pixels, sharding, synthetic, visualize
 from simmim_jax.tasks.base import Arrays, DataSource, DrawFigures, Task
 
 FIGURE_IMAGES = 8  # images per reconstruction figure
@@ -23,7 +26,11 @@ class ImageTask(Task):
 
   def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
     size, chans = self.config.model.image_size, self.config.model.in_chans
-    return {'image': jax.ShapeDtypeStruct((batch_size, size, size, chans), jnp.float32)}
+    return {'image': jax.ShapeDtypeStruct((batch_size, size, size, chans), jnp.uint8)}
+
+  def pixels(self, images: jax.Array) -> jax.Array:
+    """uint8 pixels -> the normalised float32 images the model sees and the loss regresses."""
+    return pixels.normalise(images, self.config.data.mean, self.config.data.std)
 
   def sample(self, key: jax.Array, batch: Arrays) -> Arrays:
     m = self.config.mask
@@ -31,12 +38,12 @@ class ImageTask(Task):
                                        m.model_patch_size, m.mask_ratio)}
 
   def model_inputs(self, batch: Arrays, masks: Arrays) -> tuple[jax.Array, ...]:
-    return batch['image'], masks['mask']
+    return self.pixels(batch['image']), masks['mask']
 
   def loss(self, params: Any, batch: Arrays, masks: Arrays, key: jax.Array) -> tuple[jax.Array, Arrays]:
     """(masked L1, aux); every example masks the same number of pixels, so micro-batches weigh 1 each."""
-    images = batch['image']
-    reconstruction = self.model.apply({'params': params}, images, masks['mask'], train=True, rngs={'dropout': key})
+    images, mask = self.model_inputs(batch, masks)
+    reconstruction = self.model.apply({'params': params}, images, mask, train=True, rngs={'dropout': key})
     target = images
     if self.config.loss.norm_target:
       target = losses.normalize_target(images, self.config.loss.norm_target_window)
@@ -62,7 +69,7 @@ class ImageTask(Task):
     key = jax.random.fold_in(jax.random.key(self.config.seed), FIGURE_STREAM)
 
     def reconstruct(params, images, step):
-      images = images[:FIGURE_IMAGES]
+      images = self.pixels(images[:FIGURE_IMAGES])  # the figure draws normalised images (visualize's contract)
       mask = self.sample(jax.random.fold_in(key, step), {'image': images})['mask']
       return images, mask, self.model.apply({'params': params}, images, mask, train=False)
 

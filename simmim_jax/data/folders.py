@@ -1,0 +1,220 @@
+"""Images straight from files: a labelled `<root>/<split>/<label>/` tree, or any folder, glob or list of files.
+
+The index is built once per run and is the same on every process (sorted paths, a fixed permutation), so
+each process reads only its own slice of it. Files that cannot be images (zero bytes, an unknown format, a
+truncated JPEG/PNG, a file TensorFlow cannot decode) are left out with a count in the log, or fail the run
+when data.bad_images = 'fail'; nothing is found broken mid-run.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import functools
+import glob
+import logging
+import os
+import struct
+from collections.abc import Sequence
+
+import numpy as np
+
+EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.gif')
+_TAIL = 4096  # bytes read from each file's end: room for a JPEG's padding after its end marker
+_ORDER_SEED = 0  # the fixed permutation of the index: classes and folders mix across the process slices
+_CHECK_THREADS = 32  # the check reads two small blocks per file: bound by file-system latency, not CPU
+
+log = logging.getLogger(__name__)
+
+
+class BadImagesError(ValueError):
+  """data.bad_images = 'fail' and some files are not readable images."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FolderIndex:
+  """The readable images of one split, in the order every process slices."""
+  paths: tuple[str, ...]
+  labels: np.ndarray  # int32 per path; -1 for unlabelled images
+  classes: tuple[str, ...]  # label names (index = label); () when unlabelled
+  skipped: tuple[tuple[str, str], ...]  # (path, reason) of the image-named files left out
+  ignored: int  # files without an image extension (notes, sidecars), never read
+  layout: str  # what was read, for the log
+
+  def __len__(self) -> int:
+    return len(self.paths)
+
+
+def _is_glob(spec: str) -> bool:
+  return any(c in spec for c in '*?[')
+
+
+def _walk(root: str) -> list[str]:
+  """Every file under root (recursive, following links; hidden ones left out), sorted."""
+  return sorted(os.path.join(d, name) for d, _, names in os.walk(root, followlinks=True)
+                for name in names if not name.startswith('.'))
+
+
+def _is_image_name(path: str) -> bool:
+  return path.lower().endswith(EXTENSIONS)
+
+
+def _labelled_split(root: str, split: str) -> str | None:
+  """root/split when it holds only label folders (the ImageNet layout), else None."""
+  split_dir = os.path.join(root, split)
+  if not os.path.isdir(split_dir):
+    return None
+  entries = [e for e in os.listdir(split_dir) if not e.startswith('.')]
+  if entries and all(os.path.isdir(os.path.join(split_dir, e)) for e in entries):
+    return split_dir
+  return None
+
+
+def _classes(root: str) -> tuple[str, ...]:
+  """Label names over every split folder of root, sorted (train and validation share one numbering)."""
+  names = set()
+  for split in os.listdir(root):
+    if _labelled_split(root, split):
+      names.update(e for e in os.listdir(os.path.join(root, split)) if not e.startswith('.'))
+  return tuple(sorted(names))
+
+
+def _list(spec: str) -> list[str]:
+  """The image files one entry of data_dir names: a folder, a glob, a .txt list of paths, or a file."""
+  path = os.path.expanduser(spec)
+  if _is_glob(path):
+    found = sorted(glob.glob(path, recursive=True))
+    return [f for p in found for f in ([p] if os.path.isfile(p) else _walk(p))]
+  if os.path.isdir(path):
+    return _walk(path)
+  if path.endswith(('.txt', '.lst')) and os.path.isfile(path):
+    base = os.path.dirname(path)
+    with open(path) as f:  # one path per line, relative to the list's folder
+      return [os.path.join(base, os.path.expanduser(line.strip())) for line in f if line.strip()]
+  if os.path.isfile(path):
+    return [path]
+  raise FileNotFoundError(f'{spec!r} is neither a folder, a glob that matches, a .txt list nor a file.')
+
+
+def _sniff(head: bytes) -> str | None:
+  """The format from the first bytes, or None."""
+  if head.startswith(b'\xff\xd8\xff'):
+    return 'jpeg'
+  if head.startswith(b'\x89PNG\r\n\x1a\n'):
+    return 'png'
+  if head.startswith(b'BM'):
+    return 'bmp'
+  if head[:4] == b'RIFF' and head[8:12] == b'WEBP':
+    return 'webp'
+  if head[:6] in (b'GIF87a', b'GIF89a'):
+    return 'gif'
+  return None
+
+
+def _looks_complete(kind: str, head: bytes, tail: bytes, size: int) -> bool:
+  """The cheap structural check: does the file end where its format says it does?"""
+  if kind == 'jpeg':
+    return b'\xff\xd9' in tail  # end-of-image marker (some writers pad after it)
+  if kind == 'png':
+    return b'IEND\xaeB`\x82' in tail[-64:]
+  if kind == 'bmp':
+    return len(head) >= 6 and struct.unpack('<I', head[2:6])[0] <= size
+  if kind == 'webp':
+    return struct.unpack('<I', head[4:8])[0] + 8 <= size
+  return tail.endswith(b';')  # gif trailer
+
+
+def _decodes(path: str) -> bool:
+  """The definitive check, for files the cheap one doubts: a full decode by the pipeline's decoder."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  try:
+    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+    return bool(image.shape[0] and image.shape[1])
+  except (tf.errors.OpError, ValueError):
+    return False
+
+
+def check(path: str) -> str | None:
+  """Why the file cannot be used as an image, or None when it can."""
+  try:
+    size = os.path.getsize(path)
+    if size == 0:
+      return 'empty file'
+    with open(path, 'rb') as f:
+      head = f.read(32)
+      f.seek(max(size - _TAIL, 0))
+      tail = f.read(_TAIL)
+  except OSError as e:
+    return f'unreadable ({e.strerror or e})'
+  kind = _sniff(head)
+  if kind is None:
+    return 'not an image (unknown format)'
+  if not _looks_complete(kind, head, tail, size) and not _decodes(path):
+    return f'corrupt or truncated {kind}'
+  return None
+
+
+def _check_all(paths: Sequence[str]) -> list[str | None]:
+  with concurrent.futures.ThreadPoolExecutor(_CHECK_THREADS) as pool:
+    return list(pool.map(check, paths, chunksize=64))
+
+
+def _find(data_dir: str, split: str) -> tuple[list[str], list[int], tuple[str, ...], str]:
+  """(paths, labels, classes, layout) before the check."""
+  specs = [s.strip() for s in str(data_dir).split(',') if s.strip()]
+  if not specs:
+    raise FileNotFoundError('image_folder needs data.data_dir: a folder, a glob or a list of files.')
+  if len(specs) == 1 and os.path.isdir(root := os.path.expanduser(specs[0])):
+    split_dir = _labelled_split(root, split)
+    if split_dir:
+      classes = _classes(root)
+      paths, labels = [], []
+      for label in sorted(os.listdir(split_dir)):
+        if label in classes:
+          found = _walk(os.path.join(split_dir, label))
+          paths += found
+          labels += [classes.index(label)] * len(found)
+      return paths, labels, classes, f'{split_dir}/<label>/ ({len(classes)} classes)'
+    if os.path.isdir(os.path.join(root, split)):  # root/split holds images, no label level
+      root = os.path.join(root, split)
+    paths = _walk(root)
+    return paths, [-1] * len(paths), (), f'{root} (unlabelled, recursive)'
+  paths = sorted({os.path.abspath(p) for spec in specs for p in _list(spec)})
+  return paths, [-1] * len(paths), (), f'{len(specs)} path pattern(s) {specs[:3]} (unlabelled)'
+
+
+@functools.lru_cache(maxsize=8)
+def folder_index(data_dir: str, split: str, bad_images: str = 'skip') -> FolderIndex:
+  """The checked, permuted index of data_dir's images for `split`; the same on every process."""
+  if bad_images not in ('skip', 'fail'):
+    raise ValueError(f"data.bad_images must be 'skip' or 'fail', got {bad_images!r}.")
+  found, labels, classes, layout = _find(data_dir, split)
+  named = [_is_image_name(p) for p in found]
+  paths = [p for p, n in zip(found, named) if n]
+  labels = [l for l, n in zip(labels, named) if n]
+  ignored = len(found) - len(paths)
+  reasons = _check_all(paths)
+  skipped = tuple((p, r) for p, r in zip(paths, reasons) if r)
+  if ignored:
+    print(f'image_folder: ignored {ignored} files without an image extension ({", ".join(EXTENSIONS)}) in '
+          f'{layout}.', flush=True)
+  if skipped:
+    listed = '; '.join(f'{p}: {r}' for p, r in skipped[:10]) + (' ...' if len(skipped) > 10 else '')
+    if bad_images == 'fail':
+      raise BadImagesError(f'{len(skipped)} of {len(paths)} files in {layout} are not readable images '
+                           f"(data.bad_images='fail'): {listed}")
+    message = (f'image_folder: skipped {len(skipped)} of {len(paths)} files in {layout} that are not readable '
+               f'images: {listed}')
+    log.warning(message)
+    print(message, flush=True)  # the run's console log, whatever the logging set-up
+  keep = np.array([r is None for r in reasons], bool)
+  good = np.array(paths, dtype=object)[keep]
+  good_labels = np.asarray(labels, np.int32)[keep]
+  if not len(good):
+    raise FileNotFoundError(f'No readable images ({", ".join(EXTENSIONS)}) in {layout}.')
+  order = np.random.default_rng(_ORDER_SEED).permutation(len(good))
+  return FolderIndex(tuple(good[order]), good_labels[order], classes, skipped, ignored, layout)
+
+
+def is_labelled(data_dir: str, split: str) -> bool:
+  """Whether data_dir is one folder with a <split>/<label>/ level."""
+  return os.path.isdir(data_dir) and _labelled_split(data_dir, split) is not None
