@@ -93,10 +93,10 @@ def make_train_step(model: Classifier, tx: optax.GradientTransformation, schedul
       return jnp.mean(losses.cross_entropy(logits, targets)), updates.get('batch_stats', {})
 
     (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    params, opt_state, finite = optim.update_if_finite(tx, grads, loss, state.opt_state, state.params)
+    batch_stats = jax.tree.map(lambda n, o: jnp.where(finite, n, o), batch_stats, state.batch_stats)
     metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads), 'param_norm': optax.global_norm(params),
-               'lr': schedule(state.step)}
+               'lr': schedule(state.step), 'finite': finite}
     return ClassifierState(state.step + 1, params, opt_state, batch_stats), metrics
 
   return jax.jit(step, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
