@@ -80,7 +80,8 @@ def augment_image(key: tf.Tensor, encoded: tf.Tensor, data: ml_collections.Confi
   # Antialiased bilinear, rounded to uint8: PIL's resize, which the official (PIL-based) pipeline uses.
   image = to_uint8(augment.resize(crop, image_size, image_size, 'bilinear'))
   if data.flip:
-    image = tf.cond(tf.random.stateless_uniform([], flip_key) < 0.5, lambda: image[:, ::-1], lambda: image)
+    # tf.reverse, not image[:, ::-1]: a negative-stride slice costs ~20x more (measured, TF 2.21 CPU).
+    image = tf.cond(tf.random.stateless_uniform([], flip_key) < 0.5, lambda: tf.reverse(image, [1]), lambda: image)
   return image
 
 
