@@ -1,6 +1,7 @@
 """ViT encoder and pixel decoder: mask-token blending, sizes, PyTorch-compatible layouts, init rules."""
 import itertools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -104,3 +105,17 @@ def test_beit_init_rules():
   np.testing.assert_array_equal(p['blocks_3']['gamma_1'], np.float32(0.1))
   np.testing.assert_array_equal(p['blocks_3']['attn']['q_bias'], 0.0)
   assert 'bias' not in p['blocks_3']['attn']['qkv']
+
+
+@pytest.mark.parametrize('patch,shape', [(16, (2, 48, 40, 3)), (4, (2, 34, 33, 3)), (1, (2, 7, 7, 12))])
+def test_patch_conv_is_the_strided_conv(patch, shape):
+  """layers.PatchConv (patches @ kernel) has nn.Conv's parameters and init and gives its outputs; the image
+  remainder a 'VALID' conv drops (34 = 8 x 4 + 2) is dropped too."""
+  x = jax.random.normal(jax.random.key(0), shape)
+  bias_init = layers.torch_bias_init(patch * patch * shape[-1])
+  conv = nn.Conv(8, (patch, patch), strides=(patch, patch), padding='VALID', kernel_init=layers.torch_kernel_init,
+                 bias_init=bias_init)
+  ours = layers.PatchConv(8, patch, layers.torch_kernel_init, bias_init)
+  params = conv.init(jax.random.key(1), x)
+  jax.tree.map(np.testing.assert_array_equal, ours.init(jax.random.key(1), x), params)
+  np.testing.assert_allclose(ours.apply(params, x), conv.apply(params, x), rtol=1e-5, atol=1e-5)

@@ -213,9 +213,8 @@ class PatchEmbed(nn.Module):
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
     p = self.patch_size
-    x = nn.Conv(self.embed_dim, (p, p), strides=(p, p), padding='VALID', dtype=self.dtype,
-                kernel_init=layers.torch_kernel_init, bias_init=layers.torch_bias_init(p * p * images.shape[-1]),
-                name='proj')(images.astype(self.dtype))
+    bias_init = layers.torch_bias_init(p * p * images.shape[-1])
+    x = layers.PatchConv(self.embed_dim, p, layers.torch_kernel_init, bias_init, self.dtype, name='proj')(images)
     return layers.layer_norm(NORM_EPS, 'norm')(x)
 
 

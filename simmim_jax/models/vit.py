@@ -76,8 +76,7 @@ class ViT(nn.Module):
       embed_init, embed_bias_init = init, nn.initializers.zeros
     else:  # timm's plain ViT initialises only Linear layers: PyTorch's default conv init
       embed_init, embed_bias_init = layers.torch_kernel_init, layers.torch_bias_init(p * p * images.shape[-1])
-    x = nn.Conv(c, (p, p), strides=(p, p), padding='VALID', dtype=self.dtype, kernel_init=embed_init,
-                bias_init=embed_bias_init, name='patch_embed')(images.astype(self.dtype))
+    x = layers.PatchConv(c, p, embed_init, embed_bias_init, self.dtype, name='patch_embed')(images)
     b, gh, gw, _ = x.shape
     x = x.reshape(b, gh * gw, c)
     if mask is not None:
