@@ -205,6 +205,9 @@ def select_attention(requested: str, dtype: Any, head_dim: int, lead: tuple[int,
   elif bias_terms(bias) and cudnn_bias_shape(bias, lead) is None:
     shapes = [tuple(jnp.shape(t)) for t in bias_terms(bias)]
     reason = f'a bias of shapes {shapes} does not broadcast over one flat batch dim (per-window bias)'
+  elif bias_terms(bias) and cudnn_bias_shape(bias, lead)[0] != 1:
+    # JAX always asks cuDNN for the bias gradient, which cuDNN gives for a bias shared by the batch only.
+    reason = 'a per-example bias (text segments): cuDNN computes the bias gradient for a batch-shared bias only'
   if reason is None:
     return 'cudnn', 'applies'
   if requested == 'cudnn':
