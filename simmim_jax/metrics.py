@@ -161,6 +161,10 @@ class Writer:
       self.jsonl = JsonlLog(workdir / 'metrics.jsonl', flush_secs)
     self.last_time, self.last_step = None, None
 
+  def start_timer(self, step: int) -> None:
+    """Times from here (after compiling), so the first logged step already has a rate and an ETA."""
+    self.last_time, self.last_step = time.perf_counter(), step
+
   def scalars(self, step: int, values: dict[str, Any]) -> dict[str, float]:
     """Logs device metrics (fetched here, once per log interval) with the derived throughput figures."""
     values = {k: float(v) for k, v in jax.device_get(values).items()}

@@ -72,6 +72,11 @@ class Task:
     del mesh, workdir, writer
     return None
 
+  def next_steps(self, workdir: str) -> list[str]:
+    """Commands a user runs after this pretraining (the end-of-run summary prints them)."""
+    return [f'python tools/export_params.py --checkpoint {workdir} --out {workdir}/encoder.npz --encoder_only  '
+            '# the encoder as NumPy; tools/convert_to_torch.py takes it to PyTorch / timm']
+
   def init_inputs(self) -> tuple[jax.Array, ...]:
     """Zero inputs of batch 1 for model.init."""
     batch = {k: jnp.zeros(s.shape, s.dtype) for k, s in self.batch_spec(1).items()}

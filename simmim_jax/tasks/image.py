@@ -86,6 +86,13 @@ class ImageTask(Task):
 
     return draw
 
+  def next_steps(self, workdir: str) -> list[str]:
+    return [f'python tools/visualize.py --checkpoint {workdir} --split test --out {workdir}/figures  '
+            '# reconstructions of held-out images',
+            *super().next_steps(workdir),
+            f'python -m simmim_jax.main --config=configs/finetune_cpu.py --config.init_from={workdir} '
+            f'--workdir={workdir}_finetune  # or a configs/finetune_*.py recipe']
+
 
 def build(config: ml_collections.ConfigDict) -> ImageTask:
   """SimMIM (encoder + pixel decoder), after the config's checks."""

@@ -77,14 +77,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | N
   # ----------------------------------------------------------------------------------------------------
   # The loop: evaluate every eval_every steps and at the end; the best top-1 is kept in workdir/best.
   # ----------------------------------------------------------------------------------------------------
-  train_step = finetune_step.make_train_step(model, tx, schedule, config, mesh, num_classes, shardings)
+  batches, train_step = run.compile(
+      finetune_step.make_train_step(model, tx, schedule, config, mesh, num_classes, shardings), state, batches)
   eval_step = finetune_step.make_eval_step(model, mesh, shardings)
   writer = metrics.Writer(workdir, total_steps, config.batch_size)
+  writer.start_timer(run.start)
   result: dict[str, Any] = {}
   with run.guard:  # SIGTERM / SIGINT: finish the step, save, return
     for step in run.steps():
       state, step_metrics = train_step(state, next(batches))
-      logged = run.is_log_step(step)
+      logged = run.log_now(step)
       if logged:
         writer.scalars(step, step_metrics)
       if step % eval_every == 0 or step == total_steps:
@@ -99,4 +101,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | N
         break
   run.close(best)
   writer.close()
+  run.summary(step, {f'eval_{k}': v for k, v in result.items()}, [
+      f'python tools/export_params.py --checkpoint {workdir}/best --out {workdir}/classifier.npz  '
+      '# the best held-out top-1; tools/convert_to_torch.py takes it to PyTorch'])
   return result

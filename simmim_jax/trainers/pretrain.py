@@ -48,8 +48,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | N
   # ----------------------------------------------------------------------------------------------------
   # The loop. Metrics are fetched from the device only at log steps, so the host runs ahead.
   # ----------------------------------------------------------------------------------------------------
-  train_step = pretrain_step.make_train_step(task, s)
+  batches, train_step = run.compile(pretrain_step.make_train_step(task, s), state, batches)
   writer = metrics.Writer(workdir, total_steps, config.batch_size, task.unit, task.tokens_per_example)
+  writer.start_timer(run.start)  # the first logged step already has a rate and an ETA
   evaluate = task.make_evaluate(mesh, data)  # None: the task has no held-out evaluation (images)
   draw_figures = task.make_figures(mesh, workdir, writer)  # None: the task draws no figures (text)
   logged = {}
@@ -58,7 +59,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | N
       batch = next(batches)
       state, step_metrics = train_step(state, batch)
       eval_now = evaluate is not None and (step % config.eval_every_steps == 0 or step == run.end)
-      log_now = run.is_log_step(step) or eval_now
+      log_now = run.log_now(step) or eval_now
       if log_now:
         eval_metrics = evaluate(state.params) if eval_now else {}
         logged = writer.scalars(step, {**step_metrics, **eval_metrics})
@@ -70,4 +71,5 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | N
         draw_figures(step, state.params, batch)
   run.close()
   writer.close()
+  run.summary(step, logged, task.next_steps(workdir))
   return logged

@@ -1,18 +1,21 @@
 """What both trainers do the same way around their loop: resume (never losing good work) or start, the step
 range, the finite check, saving on schedule / at the end / on preemption, and console lines. Each trainer
 still reads top to bottom."""
-from collections.abc import Callable
+import itertools
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 
-from simmim_jax import checkpoint, preemption
+from simmim_jax import checkpoint, metrics, preemption, storage
 from simmim_jax.errors import UserError
 
 # Fields that change the model, its inputs or what the loss means: a run cannot resume across them.
 FIXED_FIELDS = ('task', 'model.', 'mask.', 'loss.', 'data.seq_len', 'num_classes', 'probe.')
+LOG_EVERY_SECONDS = 30.0  # a progress line at least this often, whatever log_every_steps says
 
 
 def log(message: str) -> None:
@@ -47,6 +50,7 @@ class Run:
     self.guard = preemption.SignalGuard()  # the trainer's loop runs inside `with run.guard:`
     self.unchecked: list[tuple[int, jax.Array]] = []  # (step, finite flag) not yet fetched from the device
     self.saving: int | None = None  # the step of the async save in flight
+    self.started = self.last_log = time.perf_counter()
 
   def restore_or_init(self, abstract: Any, shardings: Any, init: Callable[[], Any]) -> Any:
     """The newest checkpoint that restores, in its shardings, else init(); then writes workdir/config.json.
@@ -101,8 +105,42 @@ class Run:
   def steps(self) -> range:
     return range(self.start + 1, self.end + 1)
 
-  def is_log_step(self, step: int) -> bool:
-    return step % self.config.log_every_steps == 0 or step in (self.start + 1, self.end)
+  def compile(self, step_fn: Any, state: Any, batches: Iterator[Any]) -> tuple[Iterator[Any], Callable]:
+    """Compiles the step for the first batch's shapes ahead of the loop, with one line saying how long it took
+    (minutes on a big model); returns the batches (the first one still in) and the compiled step."""
+    first = next(batches)
+    log('Compiling the train step...')
+    begin = time.perf_counter()
+    compiled = step_fn.lower(state, first).compile()
+    log(f'Compiled in {time.perf_counter() - begin:.1f} s.')
+    self.last_log = time.perf_counter()
+    return itertools.chain([first], batches), compiled
+
+  def log_now(self, step: int) -> bool:
+    """A log step: every log_every_steps, the first and last step, and at least every LOG_EVERY_SECONDS."""
+    now = time.perf_counter()
+    due = (step % self.config.log_every_steps == 0 or step in (self.start + 1, self.end)
+           or now - self.last_log >= LOG_EVERY_SECONDS)
+    if due:
+      self.last_log = now
+    return due
+
+  def summary(self, step: int, last: dict[str, float], next_steps: list[str]) -> None:
+    """The end-of-run lines: where the run stands, what it wrote and where, and what to run next."""
+    wall = metrics.format_duration(time.perf_counter() - self.started)
+    if step >= self.total_steps:
+      head = f'Done: step {step} of {self.total_steps} in {wall}'
+    else:
+      head = f'Stopped at step {step} of {self.total_steps} after {wall}; rerun the same command to continue'
+    values = ', '.join(f'{k} {v:.4f}' for k, v in last.items() if k in ('loss', 'eval_loss', 'eval_accuracy',
+                                                                         'eval_top1', 'eval_top5'))
+    log(f'{head}{" (" + values + ")" if values else ""}.')
+    root = storage.absolute(self.workdir)
+    written = sorted(p.name + ('/' if p.is_dir() else '') for p in storage.path(root).iterdir())
+    log(f'In {root}: {", ".join(written)} (checkpoint steps {", ".join(map(str, self.ckpt.all_steps()))}); '
+        f'TensorBoard: tensorboard --logdir {root}/tensorboard')
+    for line in next_steps:
+      log(f'Next: {line}')
 
   def after_step(self, step: int, state: Any, step_metrics: dict[str, jax.Array], meta: dict[str, Any],
                  logged: bool) -> bool:
