@@ -31,12 +31,12 @@ def absolute(path: PathLike) -> str:
 
 
 def write_bytes(target: PathLike, data: bytes) -> None:
-  """Replaces `target` with `data` whole (parent folders created)."""
+  """Replaces `target` with `data` whole (local parent folders created; object stores need none)."""
   target = path(target)
-  target.parent.mkdir(parents=True, exist_ok=True)
   if is_url(target):
     target.write_bytes(data)  # one object upload: atomic on GCS and S3
     return
+  target.parent.mkdir(parents=True, exist_ok=True)
   tmp = target.parent / f'.{target.name}.{uuid.uuid4().hex[:8]}.tmp'
   tmp.write_bytes(data)
   os.replace(tmp, target)
