@@ -1,11 +1,15 @@
-"""A pretraining or fine-tuning checkpoint -> one `.npz` of params with `/`-joined names, the config beside it.
+"""A pretraining or fine-tuning checkpoint -> params with `/`-joined names, as `.npz` or `.safetensors`, with the config.
 
-  python tools/export_params.py --checkpoint /tmp/workdir --out /tmp/simmim_vit.npz --encoder_only
-  python tools/export_params.py --checkpoint /tmp/workdir/checkpoints/400 --out /tmp/all.npz --dtype bfloat16
+  python tools/export_params.py --checkpoint runs/base --out runs/base/encoder.npz --encoder_only
+  python tools/export_params.py --checkpoint runs/base --out runs/base/encoder.safetensors --encoder_only
+  python tools/export_params.py --checkpoint runs/base/checkpoints/400 --out all.safetensors --dtype bfloat16
 
 --checkpoint is a workdir (latest step), its checkpoints dir (with --step) or one step dir; it and --out may be
-URLs (gs://bucket/run, gs://bucket/out.npz). The config goes to
-`<out>.json`; read both back with simmim_jax.params_io.load_params / load_config. bfloat16 round-trips bit-exactly.
+URLs (gs://bucket/run, gs://bucket/out.npz). --out's suffix picks the format:
+  .npz: one array per parameter and nothing else (np.load reads it); the config, and the dtype of any bfloat16
+        array (stored as its uint16 bits: NumPy has no bfloat16), go to `<out>.json` beside it;
+  .safetensors: one file, every dtype stored as itself (bfloat16 too), the config as JSON in its metadata.
+Read either back with simmim_jax.params_io.load_params / load_config: bit-exact, bfloat16 included.
 """
 import argparse
 import os
@@ -23,14 +27,14 @@ from simmim_jax import params_io, storage
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--checkpoint', required=True, help='workdir, checkpoints dir or step dir')
-  parser.add_argument('--out', required=True, help='output .npz path')
+  parser.add_argument('--out', required=True, help='output .npz or .safetensors path')
   parser.add_argument('--step', type=int, default=None, help='checkpoint step (default: the latest)')
   parser.add_argument('--encoder_only', action='store_true', help="export params['encoder'] alone")
   parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default=None,
                       help='cast floating params (default: keep the stored dtypes)')
   args = parser.parse_args(argv)
-  if not args.out.endswith('.npz'):
-    parser.error(f'--out must end in .npz, got {args.out!r}')
+  if not args.out.endswith(('.npz', '.safetensors')):
+    parser.error(f'--out must end in .npz or .safetensors, got {args.out!r}')
 
   params = params_io.load_params(args.checkpoint, 'encoder' if args.encoder_only else None, step=args.step)
   config = params_io.load_config(args.checkpoint, step=args.step)
@@ -42,10 +46,15 @@ def main(argv: list[str] | None = None) -> None:
   export_config = dict(config or {})
   export_config['export'] = {'source': storage.absolute(args.checkpoint), 'step': args.step,
                              'encoder_only': args.encoder_only, 'dtype': args.dtype}
-  params_io.save_npz(args.out, params, export_config)
   flat = traverse_util.flatten_dict(params, sep='/')
   count = sum(int(np.prod(v.shape)) for v in flat.values())
-  print(f'Wrote {len(flat)} arrays, {count:,} parameters to {args.out} (config: {params_io.config_path(args.out)})')
+  if args.out.endswith('.npz'):
+    params_io.save_npz(args.out, params, export_config)
+    where = f'config: {params_io.config_path(args.out)}'
+  else:
+    params_io.save_safetensors(args.out, params, export_config)
+    where = 'config in its metadata'
+  print(f'Wrote {len(flat)} arrays, {count:,} parameters to {args.out} ({where})')
 
 
 if __name__ == '__main__':
