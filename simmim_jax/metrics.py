@@ -116,7 +116,7 @@ class EventWriter:
     png = io.BytesIO()
     Image.fromarray(np.asarray(image, np.uint8)).save(png, format='PNG')
     encoded = summary_pb2.Summary.Image(height=image.shape[0], width=image.shape[1], colorspace=image.shape[2],
-                                             encoded_image_string=png.getvalue())
+                                        encoded_image_string=png.getvalue())
     self._summary(step, [summary_pb2.Summary.Value(tag=tag, image=encoded)])
 
   def flush(self) -> None:
