@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from simmim_jax.data import augment, sources
+from simmim_jax.data import sources
 
 _CROP_ATTEMPTS = 10  # torchvision RandomResizedCrop tries 10 windows before its centre-crop fallback
 
@@ -68,8 +68,8 @@ def decode_crop(key: tf.Tensor, encoded: tf.Tensor, scale: Sequence[float],
 
 
 def to_uint8(image: tf.Tensor) -> tf.Tensor:
-  """Float pixels that already hold rounded 0..255 values -> uint8 (the bytes that go to the device)."""
-  return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+  """Float pixels -> uint8, rounded (half to even) and clipped to 0..255: the bytes that go to the device."""
+  return tf.saturate_cast(tf.round(image), tf.uint8)
 
 
 def augment_image(key: tf.Tensor, encoded: tf.Tensor, data: ml_collections.ConfigDict,
@@ -78,7 +78,7 @@ def augment_image(key: tf.Tensor, encoded: tf.Tensor, data: ml_collections.Confi
   crop_key, flip_key = tf.unstack(tf.random.experimental.stateless_split(key, 2))
   crop = decode_crop(crop_key, encoded, data.crop_scale, data.crop_ratio)
   # Antialiased bilinear, rounded to uint8: PIL's resize, which the official (PIL-based) pipeline uses.
-  image = to_uint8(augment.resize(crop, image_size, image_size, 'bilinear'))
+  image = to_uint8(tf.image.resize(crop, [image_size, image_size], 'bilinear', antialias=True))
   if data.flip:
     # tf.reverse, not image[:, ::-1]: a negative-stride slice costs ~20x more (measured, TF 2.21 CPU).
     image = tf.cond(tf.random.stateless_uniform([], flip_key) < 0.5, lambda: tf.reverse(image, [1]), lambda: image)
