@@ -7,7 +7,8 @@ Config policy, followed by every recipe in configs/:
 - A recipe starts from one of these and sets ONLY what differs from it, so every value a recipe sets is a
   deliberate difference (tested: tests/test_configs.py). Its docstring gives the command, the expected
   runtime and result, and the paper's full recipe as text, so a reader sees the whole of it in one place.
-Durations come as `*_steps` or `*_epochs` (one of the two); `resolve_steps` turns either into steps.
+Durations come as `*_steps` or `*_epochs` (one of the two); `resolve_steps` turns either into steps. The warmup
+may also be a share of the run (optim.warmup_fraction; the comment above optim.warmup_steps gives the order).
 Learning rates are per 512 images and scaled by the effective global batch, as in the paper.
 """
 import ml_collections
@@ -78,7 +79,11 @@ def pretrain_config() -> ml_collections.ConfigDict:
   c.optim.base_lr = 1e-4  # per 512 images
   c.optim.warmup_lr = 5e-7  # per 512 images
   c.optim.min_lr = 5e-6  # per 512 images (cosine floor)
+  # Warmup: the first of these three that is set. warmup_fraction is what the CPU recipes use: shortening a run
+  # with --config.total_steps alone keeps its share. warmup_epochs is the paper's, exact; one that a shortened run
+  # cannot fit becomes a tenth of the run, with a line saying so.
   c.optim.warmup_steps = config_dict.placeholder(int)
+  c.optim.warmup_fraction = config_dict.placeholder(float)  # of total_steps, in [0, 1)
   c.optim.warmup_epochs = 10.0
   c.optim.warmup_prefix = False  # True: cosine over (total - warmup), as the Swin-Transformer copy does
   c.optim.milestone_epochs = (700.0,)  # multistep; or milestone_steps
@@ -127,7 +132,10 @@ def finetune_config() -> ml_collections.ConfigDict:
   for name in ('mask', 'loss', 'image_every_steps'):
     del c[name]
   c.task = 'finetune'  # finetune | linear_probe
-  c.init_from = config_dict.placeholder(str)  # pretraining workdir, checkpoint step dir or .npz; None: random init
+  # The pretrained weights: a pretraining workdir, a checkpoint step dir, an exported .npz / .safetensors, a timm
+  # folder or an official SimMIM / timm .pth / .safetensors. Required unless from_scratch (checked at start).
+  c.init_from = config_dict.placeholder(str)
+  c.from_scratch = False  # True: the encoder starts from random initialisation (a baseline); init_from stays unset
   # How init_from's relative position tables follow a new window (6 -> 7, 12 -> 14): 'geometric' is SimMIM's
   # loader (geometric-progression offsets, cubic spline); 'bicubic' is the Swin-Transformer repository's.
   c.rel_pos_resize = 'geometric'

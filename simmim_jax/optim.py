@@ -18,6 +18,7 @@ import ml_collections
 import optax
 
 from simmim_jax.defaults import resolve_steps
+from simmim_jax.errors import UserError
 
 Schedule = Callable[..., jax.Array]  # schedule(step, peak_scale=1.0) -> the learning rate of update `step`
 
@@ -44,7 +45,7 @@ def lr_schedule(optim: ml_collections.ConfigDict, *, total_steps: int, steps_per
     raise ValueError(f'optim.lr_lag must be 0 or more, got {lag}.')
   scale = batch_size / 512
   base_lr, warmup_lr, min_lr = optim.base_lr * scale, optim.warmup_lr * scale, optim.min_lr * scale
-  warmup = resolve_steps(optim, 'warmup', steps_per_epoch)
+  warmup = warmup_steps(optim, total_steps, steps_per_epoch)
 
   if optim.schedule == 'cosine':
     period = total_steps - warmup if optim.warmup_prefix else total_steps
@@ -74,6 +75,37 @@ def lr_schedule(optim: ml_collections.ConfigDict, *, total_steps: int, steps_per
     return jnp.where(t < warmup, warm, after_warmup(t, base))
 
   return schedule
+
+
+CLAMPED_WARMUP_FRACTION = 0.1  # a warmup in epochs that a shortened run cannot fit becomes this share of it
+
+
+def warmup_steps(optim: ml_collections.ConfigDict, total_steps: int, steps_per_epoch: int, *,
+                 say: Callable[[str], None] | None = None) -> int:
+  """Warmup updates: optim.warmup_steps if set, else round(optim.warmup_fraction * total_steps) if set (the CPU
+  recipes: a shortened run keeps its proportion), else optim.warmup_epochs (the paper recipes, exact).
+
+  A warmup in epochs that is not below total_steps (a run shortened by --config.total_steps) would never leave
+  warmup: it becomes CLAMPED_WARMUP_FRACTION of the run, said in one line (`say`, default: print on process 0).
+  An explicit warmup_steps is left as given (validate.check refuses one >= total_steps before a run starts).
+  """
+  fraction = optim.get('warmup_fraction')
+  if optim.get('warmup_steps') is None and fraction is not None:
+    if not 0 <= fraction < 1:
+      raise UserError(f'optim.warmup_fraction={fraction} must be in [0, 1): the share of total_steps spent warming up.')
+    return int(round(fraction * total_steps))
+  warmup = resolve_steps(optim, 'warmup', steps_per_epoch)
+  if optim.get('warmup_steps') is None and warmup >= total_steps > 0:
+    clamped = int(round(CLAMPED_WARMUP_FRACTION * total_steps))
+    message = (f'optim.warmup_epochs={optim.warmup_epochs} is {warmup} steps, not below total_steps={total_steps}: '
+               f'warming up over the first {clamped} steps instead (set optim.warmup_fraction or warmup_steps to '
+               'choose).')
+    if say is not None:
+      say(message)
+    elif jax.process_index() == 0:
+      print(message, flush=True)
+    return clamped
+  return warmup
 
 
 def milestone_steps(optim: ml_collections.ConfigDict, steps_per_epoch: int) -> list[int]:

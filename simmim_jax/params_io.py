@@ -118,7 +118,8 @@ def save_safetensors(path: str, params: Any, config: Any = None) -> None:
     if value.dtype not in names:
       raise ValueError(f'{name}: dtype {value.dtype} has no safetensors type.')
     data = np.ascontiguousarray(value).astype(value.dtype.newbyteorder('<'), copy=False).tobytes()
-    header[name] = {'dtype': names[value.dtype], 'shape': list(value.shape), 'data_offsets': [offset, offset + len(data)]}
+    header[name] = {'dtype': names[value.dtype], 'shape': list(value.shape),
+                    'data_offsets': [offset, offset + len(data)]}
     chunks.append(data)
     offset += len(data)
   metadata = {'format': 'flax', 'producer': PRODUCER}

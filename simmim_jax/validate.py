@@ -39,6 +39,12 @@ def check(config: ml_collections.ConfigDict) -> None:
   if dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
     raise UserError(f"model.dtype={config.model.dtype!r}: use 'float32', 'bfloat16' or 'float16'.")
   init_from = config.get('init_from')
+  if config.task in ('finetune', 'linear_probe') and not init_from and not config.get('from_scratch'):
+    raise UserError('init_from is not set: pass --config.init_from=PATH (your pretraining workdir, e.g. the one of '
+                    'configs/base.py, or a checkpoint step, an exported .npz / .safetensors, a timm folder), or '
+                    "--config.from_scratch=True to start from random init (the ':scratch' recipes set it).")
+  if init_from and config.get('from_scratch'):
+    raise UserError(f'init_from={init_from!r} and from_scratch=True: set one of them.')
   if init_from and not storage.path(init_from).exists():
     raise UserError(f'init_from={init_from!r} does not exist: give a pretraining workdir, a checkpoint step '
                     'directory, an exported .npz, or an official / timm .pth or .safetensors file.')

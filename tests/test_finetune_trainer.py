@@ -1,6 +1,7 @@
 """Fine-tuning and linear probing end to end, as a user runs them (fresh processes, real checkpoints): from a
 base.py pretraining checkpoint, evaluation every few steps with the best kept, resume equal to an
-uninterrupted run, and a probe that leaves the pretrained encoder untouched."""
+uninterrupted run, and a probe that leaves the pretrained encoder untouched; the CPU recipes refuse to start
+without init_from (one line saying what to pass) unless ':scratch' asks for random initialisation."""
 import json
 import os
 import subprocess
@@ -10,7 +11,8 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from simmim_jax import params_io
+from simmim_jax import config_io, params_io, validate
+from simmim_jax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,6 +23,26 @@ def main_job(config, workdir, *flags, timeout=600):
   run = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False)
   assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
   return run.stdout
+
+
+def test_cpu_recipes_need_init_from_or_scratch(tmp_path):
+  for recipe in ('configs/finetune_cpu.py', 'configs/linear_probe_cpu.py'):
+    with pytest.raises(UserError, match='init_from is not set: pass --config.init_from=PATH') as error:
+      validate.check(config_io.load_config(recipe))
+    assert '\n' not in str(error.value) and '/tmp' not in str(error.value)
+    scratch = config_io.load_config(f'{recipe}:scratch')
+    assert scratch.from_scratch and scratch.init_from is None
+    validate.check(scratch)
+    with pytest.raises(UserError, match='set one of them'):
+      validate.check(config_io.load_config(f'{recipe}:scratch', {'init_from': str(tmp_path)}))
+  # As the main job: one line on stderr, before anything is built or written.
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
+  run = subprocess.run([sys.executable, '-m', 'simmim_jax.main', '--config=configs/finetune_cpu.py',
+                        f'--workdir={tmp_path / "ft"}'], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300, check=False)
+  assert run.returncode != 0 and 'Traceback' not in run.stderr, run.stderr[-2000:]
+  assert 'init_from is not set' in run.stderr.strip().splitlines()[-1]
+  assert not (tmp_path / 'ft').exists()
 
 
 def evals(workdir):

@@ -8,8 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from simmim_jax import defaults, models, optim
+from simmim_jax.errors import UserError
 
 
 def timm_cosine(t, base, warmup_lr, min_lr, warmup_t, t_initial, warmup_prefix):
@@ -93,3 +95,37 @@ def test_adamw_step_and_clipping_by_hand():
   lr = 0.512
   np.testing.assert_allclose(new['w'], 2.0 - lr * (1.0 + 0.5 * 2.0), rtol=1e-5)
   np.testing.assert_allclose(new['b'], 1.0 - lr * 1.0, rtol=1e-5)
+
+
+def test_warmup_fraction_follows_a_shortened_run():
+  o = defaults.pretrain_config().optim
+  o.update(schedule='cosine', base_lr=1e-3, warmup_lr=0.0, min_lr=0.0, warmup_fraction=50 / 600, lr_lag=0)
+  assert optim.warmup_steps(o, 600, 22) == 50  # configs/base.py as written
+  assert optim.warmup_steps(o, 20, 22) == 2  # --config.total_steps=20 alone
+  schedule = optim.lr_schedule(o, total_steps=20, steps_per_epoch=22, batch_size=512)
+  want = [0.0, 5e-4, timm_cosine(2, 1e-3, 0, 0, 2, 20, False)]
+  np.testing.assert_allclose([float(schedule(t)) for t in (0, 1, 2)], want, rtol=1e-5)
+  o.warmup_steps = 7  # explicit steps win over the fraction
+  assert optim.warmup_steps(o, 20, 22) == 7
+  o.update(warmup_steps=None, warmup_fraction=1.0)
+  with pytest.raises(UserError, match=r'optim.warmup_fraction=1.0 must be in \[0, 1\)'):
+    optim.warmup_steps(o, 20, 22)
+
+
+def test_warmup_in_epochs_stays_exact_and_is_clamped_only_past_the_run():
+  o = defaults.pretrain_config().optim  # the paper: 10 warmup epochs
+  said = []
+  assert optim.warmup_steps(o, 800 * 625, 625, say=said.append) == 6250 and not said
+  assert optim.warmup_steps(o, 100, 625, say=said.append) == 10  # a smoke test of the paper recipe
+  assert said == ['optim.warmup_epochs=10.0 is 6250 steps, not below total_steps=100: warming up over the first 10 '
+                  'steps instead (set optim.warmup_fraction or warmup_steps to choose).']
+
+
+def test_cpu_recipes_keep_their_warmup_and_scale_it_with_the_budget():
+  from simmim_jax import config_io  # pylint: disable=import-outside-toplevel
+  for spec, steps_per_epoch, warmup in [('base.py', 22, 50), ('swin_tiny_cpu.py', 22, 50), ('text_tiny.py', 1, 50),
+                                        ('finetune_cpu.py:scratch', 22, 44), ('linear_probe_cpu.py:scratch', 22, 44)]:
+    config = config_io.load_config(f'configs/{spec}')
+    total = defaults.resolve_steps(config, 'total', steps_per_epoch)
+    assert optim.warmup_steps(config.optim, total, steps_per_epoch) == warmup, spec
+    assert 0 < optim.warmup_steps(config.optim, 20, steps_per_epoch) < 20, spec

@@ -1,4 +1,4 @@
-"""A pretraining or fine-tuning checkpoint -> params with `/`-joined names, as `.npz` or `.safetensors`, with the config.
+"""A pretraining or fine-tuning checkpoint -> params with `/`-joined names, as `.npz` or `.safetensors`, + config.
 
   python tools/export_params.py --checkpoint runs/base --out runs/base/encoder.npz --encoder_only
   python tools/export_params.py --checkpoint runs/base --out runs/base/encoder.safetensors --encoder_only

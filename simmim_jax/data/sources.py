@@ -20,7 +20,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from simmim_jax.data import folders
+from simmim_jax.data import builders, folders
 from simmim_jax.data.builders import digits, pydoc_topics
 
 try:
@@ -58,7 +58,7 @@ def prepared_builder(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilde
     raise DatasetNotFoundError(
         f'Dataset {data.name!r} is neither a registered tfds dataset nor prepared under '
         f'data_dir={where}. Check data.name. {offline}') from None
-  if not builder.is_prepared():
+  if not builders.is_prepared(builder):  # tfds's own check would first warn about the missing folder
     hint = (f' {data.name} needs files you fetch yourself: put them in {where}/downloads/manual first.'
             if builder.MANUAL_DOWNLOAD_INSTRUCTIONS else '')
     # Loading would start a download (minutes of DNS retries offline), so stop here instead.

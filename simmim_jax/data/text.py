@@ -51,8 +51,13 @@ def load_tokenizer(data: ml_collections.ConfigDict, vocab_size: int) -> spm.Sent
   if data.get('tokenizer'):
     return tokenizer.load(data.tokenizer if storage.is_url(data.tokenizer) else os.path.expanduser(data.tokenizer))
   if data.name != pydoc_topics.NAME:
+    if data.name == TEXT_FILES:  # local or gs:// files: the tool reads them by glob, not through tfds
+      source = f"--files='{os.path.join(data.data_dir or 'DATA_DIR', data.split, '*.txt')}'"
+    else:
+      source = f'--tfds={data.name}' + (f' --data_dir={data.data_dir}' if data.data_dir else '')
     raise ValueError(f'Set data.tokenizer to a sentencepiece .model for {data.name!r}; train one with '
-                     f'`python tools/train_tokenizer.py --tfds={data.name} --vocab_size={vocab_size} --output=PREFIX`.')
+                     f'`python tools/train_tokenizer.py {source} --vocab_size={vocab_size} --output=PREFIX`, then '
+                     f'pass --config.data.tokenizer=PREFIX.model (model.vocab_size must equal its piece count).')
   # Deterministic and under a second: cheaper than shipping a file, and always matches model.vocab_size.
   texts = [text for _, _, text in pydoc_topics.documents('train')]
   return tokenizer.load(tokenizer.train(texts, vocab_size=vocab_size))

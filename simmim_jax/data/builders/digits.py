@@ -9,7 +9,7 @@ NAME = 'sklearn_digits'
 TEST_EVERY = 5  # example i goes to 'test' when i % 5 == 0: 1,437 train and 360 test images
 
 
-class SklearnDigits(tfds.core.GeneratorBasedBuilder):
+class SklearnDigits(builders.OfflineBuilder):
   """1,797 8x8 grayscale digits (UCI optdigits test set), values rescaled from 0..16 to 0..255."""
 
   VERSION = tfds.core.Version('1.0.0')

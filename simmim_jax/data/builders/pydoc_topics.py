@@ -23,7 +23,7 @@ def documents(split: str) -> list[tuple[str, int, str]]:
           if (i % VALIDATION_EVERY == 0) == held_out for j, p in enumerate(paragraphs(topics.topics[name]))]
 
 
-class PydocTopics(tfds.core.GeneratorBasedBuilder):
+class PydocTopics(builders.OfflineBuilder):
   """Paragraphs of the 79 pydoc topics (~465k characters); train and validation split by topic."""
 
   VERSION = tfds.core.Version('1.0.0')
