@@ -1,5 +1,6 @@
 """Weights to PyTorch and back: timm gives this package's features, the SimMIM loss agrees in PyTorch, round trips
-are bit-exact, full-size names and shapes match timm, and the command-line tools work on a checkpoint.
+are bit-exact, full-size names and shapes match timm, timm's folder format loads with timm.create_model('local-dir:')
+and gives the JAX outputs, and the command-line tools work on a checkpoint.
 
 All on CPU with random weights (no hub downloads); tiny variants keep it fast, full sizes are checked by shapes.
 """
@@ -105,6 +106,59 @@ def test_round_trip_through_files_is_bit_exact(family, dtype, tmp_path):
 
 
 @pytest.mark.parametrize('family', list(FAMILIES))
+@pytest.mark.parametrize('dtype', [np.float32, ml_dtypes.bfloat16])
+def test_timm_folder_loads_in_timm_and_round_trips(family, dtype, tmp_path):
+  """convert_to_torch --out FOLDER: timm.create_model('local-dir:FOLDER', pretrained=True) builds the model from
+  config.json alone and gives the JAX encoder's features; load_params reads the folder back bit-exactly."""
+  from tools import convert_to_torch  # pylint: disable=import-outside-toplevel
+  _, params, cfg = simmim_model(family, seed=11)
+  params = jax.tree.map(lambda x: x.astype(dtype), params)
+  npz, folder = str(tmp_path / 'model.npz'), tmp_path / 'timm'
+  params_io.save_npz(npz, params, {'model': cfg})
+  convert_to_torch.main(['--params', npz, '--out', str(folder)])
+  assert sorted(os.listdir(folder)) == ['config.json', 'model.safetensors', 'simmim.safetensors']
+  hf_config = json.load(open(folder / 'config.json'))
+  assert hf_config['model_args']['embed_dim'] == (128 if family.startswith('vit') else 48)
+  assert hf_config['pretrained_cfg']['mean'] == [0.485, 0.456, 0.406] and 'license' not in hf_config['pretrained_cfg']
+  model = timm_models.create_model(f'local-dir:{folder}', pretrained=True).eval()
+  assert type(model).__name__ == timm.CLASSES[family]
+  assert params_io.is_timm_folder(str(folder)) and params_io.load_config(str(folder)) is None
+  assert_bit_exact(params_io.load_params(str(folder)), params)  # mask token and decoder from simmim.safetensors
+  if dtype == np.float32:
+    images, _ = images_and_mask(seed=12)
+    ours = encoder_features(cfg, params['encoder'], images)
+    diff = float(np.abs(timm_features(model, images, vit=family.startswith('vit')) - ours).max())
+    print(f'{family}: local-dir timm folder max abs diff {diff:.2e}')
+    assert diff <= TOLERANCE
+  else:  # stored as bfloat16, as exported (timm's model itself is float32: the values are exact)
+    from safetensors.torch import load_file  # pylint: disable=import-outside-toplevel
+    assert {v.dtype for v in load_file(str(folder / 'model.safetensors')).values()} == {torch.bfloat16}
+
+
+def test_finetuned_timm_folder_gives_the_classifier_logits(tmp_path):
+  from tools import convert_to_torch  # pylint: disable=import-outside-toplevel
+  forward, params = finetune_params('swin')
+  npz, folder = str(tmp_path / 'ft.npz'), str(tmp_path / 'ft_timm')
+  params_io.save_npz(npz, params, {'model': model_config('swin'), 'task': 'finetune'})
+  convert_to_torch.main(['--params', npz, '--out', folder])
+  model = timm_models.create_model(f'local-dir:{folder}', pretrained=True).eval()
+  assert model.num_classes == 5 and not os.path.exists(os.path.join(folder, 'simmim.safetensors'))
+  images, _ = images_and_mask(seed=13)
+  with torch.no_grad():
+    theirs = model(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
+  np.testing.assert_allclose(theirs, classifier_logits(forward, params, images), atol=TOLERANCE, rtol=0)
+
+
+def test_convert_refuses_what_has_no_folder_form(tmp_path):
+  from tools import convert_to_torch  # pylint: disable=import-outside-toplevel
+  _, params, cfg = simmim_model('vit_beit')
+  npz = str(tmp_path / 'model.npz')
+  params_io.save_npz(npz, params, {'model': cfg})
+  with pytest.raises(SystemExit):
+    convert_to_torch.main(['--params', npz, '--out', str(tmp_path / 'official'), '--layout', 'official'])
+
+
+@pytest.mark.parametrize('family', list(FAMILIES))
 def test_finetuned_classifier_matches_timm(family):
   model, params = finetune_params(family)
   images, _ = images_and_mask(seed=6)
@@ -176,11 +230,16 @@ def test_command_line_tools_on_a_checkpoint(tmp_path):
   ckpt.close()
   npz, out = str(tmp_path / 'enc.npz'), str(tmp_path / 'enc.safetensors')
   export_params.main(['--checkpoint', str(tmp_path / 'run'), '--out', npz, '--encoder_only'])
+  # The README's way: the workdir -> timm's folder format -> timm.create_model('local-dir:...').
+  convert_to_torch.main(['--params', str(tmp_path / 'run'), '--out', str(tmp_path / 'run' / 'timm')])
+  model = timm_models.create_model(f'local-dir:{tmp_path / "run" / "timm"}', pretrained=True).eval()
+  images, _ = images_and_mask(seed=10)
+  diff = np.abs(timm_features(model, images, vit=True) - encoder_features(cfg, params['encoder'], images)).max()
+  assert diff <= TOLERANCE
   convert_to_torch.main(['--params', npz, '--out', out])
   spec = json.load(open(str(tmp_path / 'enc.timm.json')))
   model = getattr(timm_models, spec['class'])(**spec['kwargs']).eval()
   model.load_state_dict(load_file(out))
-  images, _ = images_and_mask(seed=10)
   diff = np.abs(timm_features(model, images, vit=True) - encoder_features(cfg, params['encoder'], images)).max()
   assert diff <= TOLERANCE
   assert os.path.isfile(str(tmp_path / 'enc.simmim.safetensors'))  # the mask token travels beside it
