@@ -97,7 +97,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | N
           best.save(step, state, {'step': step, 'eval': result, 'config': checkpoint.config_dict(config)})
         log(f"eval at step {step}: top-1 {result['top1']:.4f}, top-5 {result['top5']:.4f}, loss "
             f"{result['loss']:.4f} over {result['count']} examples (best top-1 {best_top1:.4f})")
-      if run.after_step(step, state, step_metrics, {}, logged):
+      if run.after_step(step, state, step_metrics, {}, logged, writer.flush):
         break
   run.close(best)
   writer.close()

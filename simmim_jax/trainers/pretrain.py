@@ -65,7 +65,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | N
         logged = writer.scalars(step, {**step_metrics, **eval_metrics})
         if eval_metrics:
           log(f'held-out at step {step}: ' + ' | '.join(f'{k[5:]} {v:.4f}' for k, v in eval_metrics.items()))
-      if run.after_step(step, state, step_metrics, {'examples_seen': step * config.batch_size}, log_now):
+      if run.after_step(step, state, step_metrics, {'examples_seen': step * config.batch_size}, log_now,
+                        writer.flush):
         break
       if draw_figures and (step % config.image_every_steps == 0 or step == run.end):
         draw_figures(step, state.params, batch)

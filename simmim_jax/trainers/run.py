@@ -2,6 +2,7 @@
 range, the finite check, saving on schedule / at the end / on preemption, and console lines. Each trainer
 still reads top to bottom."""
 import itertools
+import logging
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -143,9 +144,10 @@ class Run:
       log(f'Next: {line}')
 
   def after_step(self, step: int, state: Any, step_metrics: dict[str, jax.Array], meta: dict[str, Any],
-                 logged: bool) -> bool:
+                 logged: bool, on_save: Callable[[], None] = lambda: None) -> bool:
     """Checks the finite flags (on log and save steps), saves on schedule, at the end and on preemption
-    (a signal or a multi-host notice). Returns True when the trainer must stop: preempted and saved."""
+    (a signal or a multi-host notice), then calls on_save (the metric writer's flush: at a URL, metrics reach
+    the bucket with each checkpoint). Returns True when the trainer must stop: preempted and saved."""
     self.unchecked.append((step, step_metrics['finite']))
     preempted = self.guard.requested is not None or self.ckpt.reached_preemption(step)
     save = step % self.config.checkpoint.every_steps == 0 or step == self.end or preempted
@@ -154,6 +156,7 @@ class Run:
       self.check_saves()  # a write that failed stops the run now, not at the next save
     if save:
       self.save(step, state, meta, wait=preempted)
+      on_save()
     if preempted:
       log(f'Preempted at step {step}: saved; rerun the same command to resume.')
     return preempted
@@ -196,6 +199,8 @@ class Run:
 
   def save_failed(self, step: int, error: Exception) -> None:
     self.ckpt.remove_partial_saves()
+    # Orbax's other write tasks of this save fail alike; asyncio would log each at exit, after this message.
+    logging.getLogger('asyncio').setLevel(logging.CRITICAL)
     reason = f'{type(error).__name__}: {str(error).splitlines()[0]}' if str(error) else type(error).__name__
     raise UserError(f'Saving step {step} to {self.ckpt.directory} failed ({reason}). The earlier checkpoints are '
                     'kept; free space or fix the path, then rerun the same command to resume.') from error
