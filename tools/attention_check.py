@@ -30,7 +30,8 @@ def run_one(row: str, per_device_batch: int, steps: int, peak_tflops: float, ove
   """Compiles and times one row in this process; returns its figures."""
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from simmim_jax import config_io, feed, flops, pretrain_step, sharding, tasks  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from simmim_jax import config_io, feed, flops, pretrain_step, sharding, tasks
   from simmim_jax.models import layers  # pylint: disable=import-outside-toplevel
 
   family, attention, remat = row.split(':')

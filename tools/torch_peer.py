@@ -194,7 +194,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
   config = config_io.load_config(args.config, args.set)
   r = time_steps(make_train_step(config, args.device, args.compile), args.steps, args.warmup, config.batch_size)
-  name = f'{config.model.name} {config.model.variant} {config.model.image_size}px, batch {config.batch_size}, {config.model.dtype}'
+  m = config.model
+  name = f'{m.name} {m.variant} {m.image_size}px, batch {config.batch_size}, {m.dtype}'
   print(f'torch {torch.__version__} ({args.device}, {torch.get_num_threads()} threads) [{name}]\n'
         f'  {r["steps_per_s"]:.3f} steps/s | {r["examples_per_s"]:.1f} images/s | loss {r["loss"]:.4f}', flush=True)
 

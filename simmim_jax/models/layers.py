@@ -319,7 +319,8 @@ class Block(nn.Module):
     c = x.shape[-1]
     drop = DropPath(self.drop_path)
     y = Attention(self.num_heads, self.qkv_bias, self.kernel_init, self.residual_init, self.dtype,
-                  self.rel_pos_grid, self.attention, name='attn')(layer_norm(self.norm_eps, 'norm1')(x).astype(self.dtype), bias)
+                  self.rel_pos_grid, self.attention,
+                  name='attn')(layer_norm(self.norm_eps, 'norm1')(x).astype(self.dtype), bias)
     if self.layer_scale is not None:
       y = y * self.param('gamma_1', nn.initializers.constant(self.layer_scale), (c,))
     x = x + drop(y, train)
