@@ -119,6 +119,8 @@ def test_accelerator_extras_resolve(extra, version):
   if interpreter is None:
     pytest.skip(f'no Python {version} here (looked on PATH and in ~/.pyenv/versions)')
   pins, output = lock_constraints.dry_run(['-e', f'.[{extra}]'], python=interpreter)
+  print(f'.[{extra}] on Python {version}:', {k: pins.get(k) for k in ('jax', 'jaxlib', RUNTIME[extra], 'flax', 'optax',
+                                                                     'orbax-checkpoint', 'tensorflow-cpu', 'numpy')})
   assert RUNTIME[extra] in pins, output
   assert pins['jaxlib'] == pins['jax'], pins
   if extra != 'tpu':

@@ -1,7 +1,7 @@
 """Device check: run on a new GPU/TPU machine to see that the package works there, and how fast.
 
   python tools/device_check.py            # ViT-B/16 224 px and Swin-B 192 px, bf16, 128 images per device
-  python tools/device_check.py --quick    # tiny variants, small batches: a minute on a CPU
+  python tools/device_check.py --quick    # tiny variants, small batches: minutes on a CPU (compilation)
 
 Prints the devices; runs a few pretraining steps of each model in bfloat16 on synthetic data and prints compile
 time, step time, images/s, model TFLOP/s, MFU (against the chip's dense bf16 peak from a table) and memory;
@@ -214,7 +214,7 @@ def check_checkpoint(run: Run, state: Any) -> None:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--quick', action='store_true', help='tiny ViT and Swin, 4 images per device (CPU: ~1 min)')
+  parser.add_argument('--quick', action='store_true', help='tiny ViT and Swin, 4 images per device (for CPUs)')
   parser.add_argument('--models', default='vit_base,swin_base', help=f'comma-separated, of {sorted(MODELS)}')
   parser.add_argument('--batch_per_device', type=int, default=None, help='default 128 (--quick: 4)')
   parser.add_argument('--steps', type=int, default=None, help='timed steps (default 10; --quick 3)')
