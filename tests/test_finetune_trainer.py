@@ -80,7 +80,8 @@ def test_finetune_evaluates_keeps_the_best_and_resumes_exactly(pretrained, tmp_p
   assert os.listdir(straight / 'best') == [str(best_step)]
 
   # Stopped after 4 of the 8 steps (--max_steps: the same run, schedule and all), then resumed.
-  main_job('configs/finetune_cpu.py', resumed, *common(data_dir, pretrained_dir, 8), *FULL_AUGMENTATION, '--max_steps=4')
+  main_job('configs/finetune_cpu.py', resumed, *common(data_dir, pretrained_dir, 8), *FULL_AUGMENTATION,
+           '--max_steps=4')
   out = main_job('configs/finetune_cpu.py', resumed, *common(data_dir, pretrained_dir, 8), *FULL_AUGMENTATION)
   assert 'Resumed from step 4' in out
   a, b = params_io.load_params(str(straight)), params_io.load_params(str(resumed))

@@ -1,5 +1,6 @@
 """The Colab notebooks run top to bottom on CPU, offline, with tiny parameters injected after their parameters cell
-(as papermill does); a failing cell fails the test. Then the figures they wrote are checked."""
+(as papermill does); a failing cell fails the test. Then the figures they wrote are checked. Their install cell,
+left as it is, finds the checkout they run from (as `jupyter execute notebooks/...` does) and clones nothing."""
 import importlib.util
 import json
 import os
@@ -18,9 +19,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = os.path.join(ROOT, 'notebooks')
 
 
-def run_notebook(name: str, parameters: dict, out_dir) -> tuple[nbformat.NotebookNode, float]:
-  """Executes notebooks/<name> with `parameters` injected; returns the executed notebook and its seconds."""
+def run_notebook(name: str, parameters: dict, out_dir, cells: int | None = None,
+                 cwd: str = ROOT) -> tuple[nbformat.NotebookNode, float]:
+  """Executes notebooks/<name> (its first `cells` cells, or all) with `parameters` injected, in a kernel started in
+  `cwd`; returns the executed notebook and its seconds."""
   nb = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
+  nb.cells = nb.cells[:cells]
   tagged = [i for i, c in enumerate(nb.cells) if 'parameters' in c.metadata.get('tags', [])]
   assert len(tagged) == 1, f'{name} must have exactly one cell tagged "parameters"'
   assert all(c.cell_type == 'markdown' for c in nb.cells[:tagged[0]]), 'the parameters cell is the first code cell'
@@ -30,7 +34,7 @@ def run_notebook(name: str, parameters: dict, out_dir) -> tuple[nbformat.Noteboo
   start = time.perf_counter()
   try:
     # The kernel inherits this process's environment: CPU only, 8 forced devices (conftest.py).
-    NotebookClient(nb, timeout=600, kernel_name='python3', resources={'metadata': {'path': ROOT}}).execute()
+    NotebookClient(nb, timeout=600, kernel_name='python3', resources={'metadata': {'path': cwd}}).execute()
   finally:
     nbformat.write(nb, os.path.join(out_dir, name))  # the executed copy, outputs and errors included
   return nb, time.perf_counter() - start
@@ -57,8 +61,8 @@ def pretrained(tmp_path_factory):
   """The pretraining notebook on the embedded digits: 20 steps of 16 images in two chunks."""
   out = tmp_path_factory.mktemp('notebooks')
   workdir = out / 'workdir'
-  params = dict(INSTALL=False, REPO_DIR=ROOT, WORKDIR=str(workdir), MOUNT_DRIVE=False, BACKUP='',
-                DATASET='sklearn_digits', DATA_DIR=str(tmp_path_factory.mktemp('tfds')), PROFILE='cpu',
+  # INSTALL and REPO_DIR as they are: the notebook finds this checkout itself.
+  params = dict(WORKDIR=str(workdir), BACKUP='', DATA_DIR=str(tmp_path_factory.mktemp('tfds')), PROFILE='cpu',
                 TOTAL_STEPS=20, CHUNK_STEPS=10, NUM_FIGURE_IMAGES=4, COMPILATION_CACHE=str(out / 'jax_cache'),
                 OVERRIDES={'batch_size': 16, 'log_every_steps': 5, 'checkpoint.every_steps': 10,
                            'image_every_steps': 10, 'optim.warmup_steps': 5})
@@ -92,7 +96,7 @@ def test_explore_notebook_on_the_exported_checkpoint(pretrained, tmp_path):
   for i in range(3):  # "one's own images": files of another size and colour mode than the training data
     Image.fromarray((np.random.default_rng(i).random((40, 48, 3)) * 255).astype(np.uint8)).save(images / f'{i}.png')
   nb, seconds = run_notebook('explore_checkpoint.ipynb', dict(
-      INSTALL=False, REPO_DIR=ROOT, CHECKPOINT=str(workdir / 'export' / 'simmim.npz'), IMAGES=[str(images)],
+      CHECKPOINT=str(workdir / 'export' / 'simmim.npz'), IMAGES=[str(images)],
       UPLOAD=False, NUM_IMAGES=3, OUT_DIR=str(tmp_path / 'explore'), MASK_RATIOS=[0.25, 0.5, 0.75],
       MASK_PATCH_SIZES=[4, 8, 16]), out)
   print(f'explore_checkpoint.ipynb ran in {seconds:.0f} s')
@@ -105,5 +109,26 @@ def test_explore_notebook_on_the_exported_checkpoint(pretrained, tmp_path):
   assert list(ratios) == ['0.25', '0.5', '0.75'] and all(np.isfinite(v) for v in ratios.values())
   assert list(summary['mask_patch_sizes']) == ['4', '8', '16']
   assert_same_params(str(explore / 'encoder.npz'), params_io.load_params(str(workdir), 'encoder'))
-  if importlib.util.find_spec('torch') and os.path.exists(os.path.join(ROOT, 'tools', 'convert_to_torch.py')):
-    assert os.path.getsize(explore / 'encoder_timm.safetensors') > 100_000  # 1.2M float32 parameters
+  if importlib.util.find_spec('torch') and importlib.util.find_spec('timm'):
+    assert sorted(os.listdir(explore / 'encoder_timm')) == ['config.json', 'model.safetensors', 'simmim.safetensors']
+    assert os.path.getsize(explore / 'encoder_timm' / 'model.safetensors') > 100_000  # 1.2M float32 parameters
+
+
+def install_output(nb: nbformat.NotebookNode) -> str:
+  """What the install cell printed."""
+  cell = next(c for c in nb.cells if c.cell_type == 'code' and 'find_checkout' in c.source)
+  return ''.join(o.get('text', '') for o in cell.outputs if o.get('output_type') == 'stream')
+
+
+@pytest.mark.parametrize('name', ['pretrain_colab_tpu.ipynb', 'explore_checkpoint.ipynb'])
+def test_install_cell_as_is_finds_the_checkout(name, tmp_path):
+  """Parameters untouched (REPO still the placeholder), a kernel in notebooks/ as `jupyter execute` starts it: the
+  checkout is found, nothing is cloned or installed, the outputs default to runs/ in it."""
+  # The explore cell creates its output folder: kept out of the checkout here.
+  given = {} if name.startswith('pretrain') else {'CHECKPOINT': str(tmp_path), 'OUT_DIR': str(tmp_path / 'out')}
+  nb, _ = run_notebook(name, given, tmp_path, cells=4, cwd=NOTEBOOKS)
+  printed = install_output(nb)
+  assert f'simmim_jax from {ROOT}\n' in printed, printed
+  if name.startswith('pretrain'):
+    assert f"workdir {os.path.join(ROOT, 'runs', 'notebook_pretrain')}, dataset sklearn_digits" in printed
+  assert not os.path.exists('/content')
