@@ -1,10 +1,10 @@
 """The image pipeline: offline digits builder, determinism, resume, process slices, crops, errors, decoding only
 the crop, uint8 batches normalised on device."""
 import collections
-import itertools
-import time
-
 import io
+import itertools
+import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -266,3 +266,15 @@ def test_on_device_normalisation_equals_the_host_normalised_batch():
       0.5 / 255 / min(data.std) + 1e-6)
   assert np.abs(device - host).max() < 12 / 255 / min(data.std)
   assert pixels.normalise(jnp.zeros((1, 2, 2, 3), jnp.float32), data.mean, data.std).dtype == jnp.float32
+
+
+def test_pipeline_runs_on_a_private_pool_sized_to_the_host(digits_dir):
+  data = _config(digits_dir)
+  ds = sources.keyed_dataset(data, lambda key, encoded: images.augment_image(key, encoded, data, 8), batch_size=8,
+                             seed=0)
+  options = ds.options()
+  assert options.threading.private_threadpool_size == len(os.sched_getaffinity(0)) == sources.host_threads(data)
+  assert options.deterministic and options.autotune.enabled is not False
+  data.threads = 3
+  assert sources.keyed_dataset(data, lambda key, encoded: images.augment_image(key, encoded, data, 8), batch_size=8,
+                               seed=0).options().threading.private_threadpool_size == 3

@@ -138,13 +138,23 @@ def _process_slice(data: ml_collections.ConfigDict, index: int, count: int) -> t
   return ds.map(lambda ex: (ex['image'], ex.get('label', -1))), split_size(builder, sub), False
 
 
-def keyed_batches(data: ml_collections.ConfigDict,
-                  transform: Callable[[tf.Tensor, tf.Tensor], tf.Tensor | dict[str, tf.Tensor]], *,
-                  batch_size: int,
-                  seed: int, start_batch: int = 0, process_index: int | None = None,
+Transform = Callable[[tf.Tensor, tf.Tensor], tf.Tensor | dict[str, tf.Tensor]]
+
+
+def keyed_batches(data: ml_collections.ConfigDict, transform: Transform, *, batch_size: int, seed: int,
+                  start_batch: int = 0, process_index: int | None = None,
                   process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
   """Endless batches of transform(example key, encoded image) (a tensor: 'image'; or a dict of features) and
   labels: the scheme in the module doc."""
+  return iter(tfds.as_numpy(keyed_dataset(data, transform, batch_size=batch_size, seed=seed,
+                                          start_batch=start_batch, process_index=process_index,
+                                          process_count=process_count)))
+
+
+def keyed_dataset(data: ml_collections.ConfigDict, transform: Transform, *, batch_size: int, seed: int,
+                  start_batch: int = 0, process_index: int | None = None,
+                  process_count: int | None = None) -> tf.data.Dataset:
+  """keyed_batches' tf.data pipeline, with its options (thread pool, autotune, determinism)."""
   index = jax.process_index() if process_index is None else process_index
   count = jax.process_count() if process_count is None else process_count
   source, size, paths = _process_slice(data, index, count)
@@ -178,4 +188,4 @@ def keyed_batches(data: ml_collections.ConfigDict,
   # One parallel map reads (image_folder) and decodes: the files of a batch are read concurrently.
   ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.batch(batch_size, drop_remainder=True).prefetch(data.prefetch)
-  return iter(tfds.as_numpy(with_options(ds, data)))
+  return with_options(ds, data)
