@@ -123,9 +123,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
   overrides = list(args.set)
   if args.jpegs:
     width, height = (int(v) for v in args.jpeg_size.lower().split('x'))
-    folder = write_jpegs(os.path.join(args.jpeg_dir, f'{width}x{height}_q{args.quality}_{args.jpegs}'),
-                         args.jpegs, width, height, args.quality)
-    overrides += ['data.name=image_folder', f'data.data_dir={folder}']
+    root = os.path.join(args.jpeg_dir, f'{width}x{height}_q{args.quality}_{args.jpegs}')
+    # <root>/train/<one label>/: the labelled layout, so the fine-tuning transform (which needs labels) reads it too.
+    write_jpegs(os.path.join(root, 'train', 'synthetic'), args.jpegs, width, height, args.quality)
+    overrides += ['data.name=image_folder', f'data.data_dir={root}', 'data.split=train']
   if args.image_size:
     overrides.append(f'model.image_size={args.image_size}')
   config = config_io.load_config(args.config, overrides)
@@ -133,7 +134,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     from simmim_jax import defaults  # pylint: disable=import-outside-toplevel
     with config.data.unlocked():
       for key in ('interpolation', 'rand_augment', 'random_erasing'):
-        config.data.setdefault(key, defaults.finetune_config().data[key])
+        if key not in config.data:
+          config.data[key] = defaults.finetune_config().data[key]
   config.data.shuffle_buffer = min(config.data.shuffle_buffer, 1024)  # timing, not mixing
   cores = len(os.sched_getaffinity(0))
   rate, nbytes = time_pipeline(pipeline(config, args.batch_size, args.decode, args.task), args.batch_size,
