@@ -79,7 +79,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | N
   # ----------------------------------------------------------------------------------------------------
   batches, train_step = run.compile(
       finetune_step.make_train_step(model, tx, schedule, config, mesh, num_classes, shardings), state, batches)
-  eval_step = finetune_step.make_eval_step(model, mesh, shardings)
+  eval_step = finetune_step.make_eval_step(model, mesh, shardings, config)
   writer = metrics.Writer(workdir, total_steps, config.batch_size)
   writer.start_timer(run.start)
   result: dict[str, Any] = {}
