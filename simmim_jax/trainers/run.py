@@ -56,21 +56,26 @@ class Run:
   def restore_or_init(self, abstract: Any, shardings: Any, init: Callable[[], Any]) -> Any:
     """The newest checkpoint that restores, in its shardings, else init(); then writes workdir/config.json.
 
-    A step that cannot be read is set aside with one warning and the next older one is tried: nothing is
-    deleted. A checkpoint of a different model or task stops the run before anything is read or written."""
-    state = None
+    A step that cannot be read is skipped for the next older one, and set aside with one warning once an older
+    one restores (nothing is deleted); if none restores, the run stops and nothing is changed. A checkpoint of
+    a different model or task stops the run before anything is read or written."""
+    state, failed = None, []
     for step in self.ckpt.all_steps()[::-1]:
       self.check_same_run(step)
       try:
         state, _ = self.ckpt.restore(step, checkpoint.abstract_with_shardings(abstract, shardings))
       except Exception as e:  # pylint: disable=broad-except  (Orbax raises many types for unreadable files)
-        where = self.ckpt.set_aside(step)
-        log(f'WARNING: checkpoint step {step} cannot be restored ({type(e).__name__}: {str(e).splitlines()[0]}); '
-            f'moved to {where}, trying the previous step.')
+        failed.append((step, f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'))
         continue
+      for bad, reason in failed:  # set aside only once an older step has restored: nothing is lost either way
+        log(f'WARNING: checkpoint step {bad} cannot be restored ({reason}); moved to {self.ckpt.set_aside(bad)}, '
+            f'resuming from step {step}.')
       self.set_start(step)
       log(f'Resumed from step {step} in {self.ckpt.directory}.')
       break
+    if failed and state is None:  # every step fails alike: the state no longer fits them, not corruption
+      raise UserError(f'No checkpoint in {self.ckpt.directory} restores into this config (step {failed[0][0]}: '
+                      f'{failed[0][1]}); use a new --workdir, or the saved config.json to resume. Nothing was changed.')
     if state is None:
       self.set_start(0)
       state = init()
@@ -83,7 +88,10 @@ class Run:
 
   def check_same_run(self, step: int) -> None:
     """Refuses to resume a checkpoint of another model, input geometry or task; logs allowed changes."""
-    saved = self.ckpt.restore_meta(step).get('config')
+    try:
+      saved = self.ckpt.restore_meta(step).get('config')
+    except Exception:  # pylint: disable=broad-except  (an unreadable step: its state restore fails and says why)
+      return
     if saved is None:
       return
     changes = changed_fields(saved, checkpoint.config_dict(self.config))
