@@ -110,8 +110,9 @@ def test_beit_init_rules():
 @pytest.mark.parametrize('patch,shape', [(16, (2, 48, 40, 3)), (4, (2, 34, 33, 3)), (4, (2, 17, 16, 16)),
                                          (1, (2, 7, 7, 12)), (1, (2, 3, 3, 256))])
 def test_patch_conv_is_the_strided_conv(patch, shape):
-  """layers.PatchConv (patches @ kernel from 256 inputs per patch, a conv below) has nn.Conv's parameters and
-  init and gives its outputs; the image remainder a 'VALID' conv drops (34 = 8 x 4 + 2) is dropped too."""
+  """layers.PatchConv (patches @ kernel from 256 inputs per patch and for 1x1, a conv below) has nn.Conv's
+  parameters and init and gives its outputs; the image remainder a 'VALID' conv drops (34 = 8 x 4 + 2) is
+  dropped too."""
   x = jax.random.normal(jax.random.key(0), shape)
   bias_init = layers.torch_bias_init(patch * patch * shape[-1])
   conv = nn.Conv(8, (patch, patch), strides=(patch, patch), padding='VALID', kernel_init=layers.torch_kernel_init,

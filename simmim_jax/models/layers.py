@@ -59,7 +59,7 @@ class Mlp(nn.Module):
     return nn.Dense(out_dim, dtype=self.dtype, kernel_init=self.fc2_init or self.kernel_init, name='fc2')(x)
 
 
-MATMUL_MIN_INPUTS = 256  # PatchConv: patches with fewer inputs (p * p * channels) stay a conv
+MATMUL_MIN_INPUTS = 256  # PatchConv: patches (p > 1) with fewer inputs (p * p * channels) stay a conv
 
 
 class PatchConv(nn.Module):
@@ -67,8 +67,8 @@ class PatchConv(nn.Module):
   ('kernel' (p, p, in, out), 'bias': same names, shapes, init, so checkpoints and exports are unchanged).
 
   Why: on XLA:CPU a 16x16 patch conv and its kernel gradient run 1.5x faster as one matmul (measured: ViT
-  224 px, batch 32 and 8); a 4x4 patch of 3 channels (48 inputs: Swin, 'Mu/4') runs 1.5-1.75x faster as the
-  conv, so patches of fewer than MATMUL_MIN_INPUTS inputs stay a conv.
+  224 px, batch 32 and 8), a 1x1 conv (SimMIM's decoder) 1.5-2.4x; a 4x4 patch of 3 channels (48 inputs:
+  Swin, 'Mu/4') runs 1.5-1.75x faster as the conv, so patches of fewer than MATMUL_MIN_INPUTS inputs stay one.
   """
   features: int
   patch_size: int
@@ -85,7 +85,7 @@ class PatchConv(nn.Module):
     gh, gw = h // p, w // p  # 'VALID': a remainder row/column is dropped, as the conv drops it
     x = x[:, :gh * p, :gw * p].astype(self.dtype)
     kernel = kernel.astype(self.dtype)
-    if p * p * c < MATMUL_MIN_INPUTS:
+    if p > 1 and p * p * c < MATMUL_MIN_INPUTS:
       y = jax.lax.conv_general_dilated(x, kernel, (p, p), 'VALID', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
     else:  # (B, gh, p, gw, p, C) -> (B, gh, gw, p * p * C) in the kernel's (kh, kw, in) order
       x = x.reshape(b, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, gh, gw, p * p * c)
