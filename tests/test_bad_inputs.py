@@ -3,7 +3,6 @@
 The in-process cases check simmim_jax.validate and the model/task checks behind tasks.build; the slow table
 runs each case as the main job in a fresh process against a copy of a real run's workdir, timing it and
 checking that every file in the workdir is byte-identical afterwards."""
-import hashlib
 import os
 import shutil
 import subprocess
@@ -14,6 +13,7 @@ import pytest
 
 from simmim_jax import config_io, tasks, validate
 from simmim_jax.errors import UserError
+from workdir_helpers import snapshot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = os.path.join(ROOT, 'configs', 'base.py')
@@ -78,15 +78,6 @@ def test_init_from_that_is_not_there_or_not_weights(tmp_path):
 # ------------------------------------------------------------------------------------------------------------
 # The table: each case as the main job, against a copy of a real run's workdir
 # ------------------------------------------------------------------------------------------------------------
-
-def snapshot(folder) -> dict[str, str]:
-  out = {}
-  for root, _, files in os.walk(folder):
-    for name in files:
-      path = os.path.join(root, name)
-      out[os.path.relpath(path, folder)] = hashlib.sha256(open(path, 'rb').read()).hexdigest()
-  return out
-
 
 def flags_of(overrides) -> list[str]:
   return [f'--config.{k}={v}' for k, v in overrides.items()]

@@ -2,7 +2,6 @@
 the current step and exits 0; an unreadable latest step falls back to the previous one; partial saves are
 cleaned; a different model in the workdir is refused before anything is written; a failing write stops the
 run with one message; SIGKILL at random moments never changes the final parameters (slow)."""
-import hashlib
 import os
 import random
 import resource
@@ -14,6 +13,8 @@ import time
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+
+from workdir_helpers import snapshot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ['--config.batch_size=16', '--config.log_every_steps=1', '--config.image_every_steps=1000']
@@ -54,16 +55,6 @@ def steps(workdir) -> list[int]:
 def params(workdir, step):
   state = ocp.StandardCheckpointer().restore(os.path.join(workdir, 'checkpoints', str(step), 'state'))
   return ocp.tree.to_flat_dict(state['params'])
-
-
-def snapshot(folder) -> dict[str, str]:
-  """relative path -> sha256 of every file under folder."""
-  out = {}
-  for root, _, files in os.walk(folder):
-    for name in files:
-      path = os.path.join(root, name)
-      out[os.path.relpath(path, folder)] = hashlib.sha256(open(path, 'rb').read()).hexdigest()
-  return out
 
 
 @pytest.fixture(scope='module')
