@@ -81,7 +81,7 @@ def test_tensorflow_is_a_cpu_build_on_every_platform():
 def test_ci_installs_the_lock():
   with open(os.path.join(ROOT, '.ci', 'run'), encoding='utf-8') as f:
     ci = f.read()
-  assert "-c constraints.txt -e '.[test]'" in ci
+  assert "-c constraints.txt -e '.[test,interop]'" in ci
 
 
 def test_this_environment_has_the_locked_versions():
@@ -101,7 +101,7 @@ def test_this_environment_has_the_locked_versions():
 
 @pytest.mark.slow
 def test_the_lock_installs_exactly_the_pinned_set():
-  pins, _ = lock_constraints.dry_run(['-e', '.[test]'], constraints=[lock_constraints.LOCK])
+  pins, _ = lock_constraints.dry_run(['-e', '.[test,interop]'], constraints=[lock_constraints.LOCK])
   pins.pop(lock_constraints.PROJECT)
   lock = lock_constraints.read_lock()
   assert pins == lock, {n: (pins.get(n), lock.get(n)) for n in set(pins) | set(lock) if pins.get(n) != lock.get(n)}
