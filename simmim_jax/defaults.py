@@ -144,7 +144,10 @@ def finetune_config() -> ml_collections.ConfigDict:
   c.eval_every_steps = config_dict.placeholder(int)  # None: once per epoch (and at the end)
   c.eval_batch_size = config_dict.placeholder(int)  # None: batch_size
 
-  c.data.eval_split = 'validation'  # evaluation: resize to int(256/224 * size), centre crop
+  c.data.eval_split = 'validation'  # evaluation: resize the shorter side to size / eval_crop_pct, centre crop
+  # timm's crop_pct: the share of the resized shorter side the evaluation view keeps. 0.875 (224 of 256) is the
+  # ImageNet recipes'; 1.0 (the whole image) where images are small and trained full-frame (the CPU recipes).
+  c.data.eval_crop_pct = 0.875
   c.data.crop_scale = (0.08, 1.0)  # timm's RandomResizedCrop
   c.data.interpolation = 'bicubic'
   c.data.rand_augment = 'rand-m9-mstd0.5-inc1'  # timm RandAugment string; '' turns it off

@@ -81,10 +81,32 @@ def train_transform(key: tf.Tensor, encoded: tf.Tensor, data: ml_collections.Con
   return {'image': images.to_uint8(image), 'erase': box}
 
 
+def resize_center_crop(image: tf.Tensor, size: int, crop_pct: float, interpolation: str) -> tf.Tensor:
+  """timm's eval view: Resize(floor(size / crop_pct)) on the shorter side, then CenterCrop(size). At crop_pct
+  0.875 it is SimMIM's int(256/224 * size) (augment.resize_center_crop, equal for every size up to 1024);
+  at 1.0 the whole image is resized to size, the view a full-frame training crop sees."""
+  if not 0.0 < crop_pct <= 1.0:
+    raise ValueError(f'data.eval_crop_pct is the share of the shorter side kept, in (0, 1], got {crop_pct}.')
+  short_target = math.floor(size / crop_pct)
+  height, width = tf.shape(image)[0], tf.shape(image)[1]
+  short, long = tf.minimum(height, width), tf.maximum(height, width)
+  # torchvision: new_long = int(new_short * long / short)
+  new_long = tf.cast(tf.floor(tf.cast(short_target * long, tf.float64) / tf.cast(short, tf.float64)), tf.int32)
+  new_h = tf.where(height <= width, short_target, new_long)
+  new_w = tf.where(height <= width, new_long, short_target)
+  image = augment.resize(image, new_h, new_w, interpolation)
+  # torchvision CenterCrop: int(round((H - size) / 2.0)); Python's and tf.round both round half to even.
+  top = tf.cast(tf.round(tf.cast(new_h - size, tf.float64) / 2.0), tf.int32)
+  left = tf.cast(tf.round(tf.cast(new_w - size, tf.float64) / 2.0), tf.int32)
+  return tf.ensure_shape(image[top:top + size, left:left + size], [size, size, None])
+
+
 def eval_transform(encoded: tf.Tensor, data: ml_collections.ConfigDict, image_size: int) -> tf.Tensor:
-  """Resize the shorter side to int(256/224 * S), centre-crop S; uint8 (S, S, 3), normalised on device."""
+  """Resize the shorter side to floor(S / data.eval_crop_pct), centre-crop S; uint8 (S, S, 3), normalised on
+  device."""
   image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
-  return images.to_uint8(augment.resize_center_crop(image, image_size, data.interpolation))
+  crop_pct = data.get('eval_crop_pct', 0.875)  # configs saved before the field: the fixed crop they ran with
+  return images.to_uint8(resize_center_crop(image, image_size, crop_pct, data.interpolation))
 
 
 def train_batches(data: ml_collections.ConfigDict, *, image_size: int, batch_size: int, seed: int,
