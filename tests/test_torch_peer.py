@@ -1,6 +1,8 @@
 """tools/torch_peer.py: the PyTorch peer builds and steps on tiny models, and is the same model as the JAX one
 (the JAX params loaded into it give the same masked L1 loss)."""
 import os
+import re
+import subprocess
 import sys
 
 import jax
@@ -69,3 +71,38 @@ def test_peer_is_the_same_model(family):
     loss = peer.eval()(torch.from_numpy(np.array(jnp.transpose(images, (0, 3, 1, 2)))),
                        torch.from_numpy(np.array(mask)))
   np.testing.assert_allclose(float(loss), expected, rtol=1e-4)
+
+
+def test_against_summary_hand_computed():
+  """--against's summary: per-pair ratios of img/s (= inverse step times), their median, % of each peak."""
+  import benchmark  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  sides = [benchmark.Side('jax', 0.5, [0.1, 0.2, 0.4]), benchmark.Side('jax@old', 0.5, [0.2, 0.2, 0.2]),
+           benchmark.Side('torch', 0.25, [0.2, 0.1, 0.8])]
+  lines = benchmark.summary(sides, batch=8, model_flops=1e10)
+  assert lines[0] == 'jax / torch: median 2.00x (pairs: 2.00 0.50 2.00)'
+  assert lines[1] == 'jax@old / torch: median 1.00x (pairs: 1.00 0.50 4.00)'
+  assert lines[2] == 'jax / jax@old: median 1.00x (pairs: 2.00 1.00 0.50)'
+  # jax: median step 0.2 s -> 40 img/s, 1e10 / 0.2 = 0.05 TFLOP/s = 10% of 0.5; torch: 0.2 s -> 20% of 0.25.
+  assert lines[3] == 'jax: median 40.00 img/s | 0.0500 TFLOP/s = 10.0% of its matmul peak 0.500 TFLOP/s'
+  assert lines[5] == 'torch: median 40.00 img/s | 0.0500 TFLOP/s = 20.0% of its matmul peak 0.250 TFLOP/s'
+
+
+def test_against_torch_one_pair():
+  """tools/benchmark.py --against torch on a tiny model: both sides build, take one turn each, and the
+  printed ratio is the printed img/s over each other."""
+  result = subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'tools', 'benchmark.py'), '--config', os.path.join(ROOT, 'configs', 'base.py'),
+       '--set', 'batch_size=8', '--against', 'torch', '--pairs', '1', '--steps', '1',
+       '--warmup', '1', '--threads', '1'],
+      capture_output=True, text=True, check=True, timeout=600)
+  out = result.stdout
+  pair = re.search(r'pair 1: jax ([\d.]+) img/s \(loss ([\d.]+)\) \| torch ([\d.]+) img/s \(loss ([\d.]+)\) '
+                   r'\| jax / torch ([\d.]+)x', out)
+  assert pair, out
+  jax_ips, _, torch_ips, _, ratio = map(float, pair.groups())
+  np.testing.assert_allclose(ratio, jax_ips / torch_ips, rtol=0.02, atol=0.01)
+  assert re.search(rf'jax / torch: median {ratio:.2f}x \(pairs: {ratio:.2f}\)', out), out
+  for side in ('jax', 'torch'):
+    assert re.search(rf'^{side}: median [\d.]+ img/s \| [\d.]+ TFLOP/s = [\d.]+% of its matmul peak [\d.]+ TFLOP/s$',
+                     out, re.M), out
+  assert re.search(r'^torch: torch .* \(1 threads\), compile', out, re.M), out
