@@ -4,6 +4,9 @@ The index is built once per run and is the same on every process (sorted paths, 
 each process reads only its own slice of it. Files that cannot be images (zero bytes, an unknown format, a
 truncated JPEG/PNG, a file TensorFlow cannot decode) are left out with a count in the log, or fail the run
 when data.bad_images = 'fail'; nothing is found broken mid-run.
+
+data_dir may be a URL (gs://bucket/photos): listing and checking go through tf.io.gfile, the file system
+tf.data's tf.io.read_file reads the images with, so what is listed is what the pipeline can open.
 """
 from __future__ import annotations
 
@@ -17,11 +20,15 @@ import struct
 from collections.abc import Sequence
 
 import numpy as np
+import tensorflow as tf
+
+from simmim_jax import storage
 
 EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.gif')
 _TAIL = 4096  # bytes read from each file's end: room for a JPEG's padding after its end marker
 _ORDER_SEED = 0  # the fixed permutation of the index: classes and folders mix across the process slices
 _CHECK_THREADS = 32  # the check reads two small blocks per file: bound by file-system latency, not CPU
+_LIST_THREADS = 16  # folders of a bucket listed concurrently: one request (page) each, latency-bound
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +55,46 @@ def _is_glob(spec: str) -> bool:
   return any(c in spec for c in '*?[')
 
 
+def _isdir(path: str) -> bool:
+  return tf.io.gfile.isdir(path) if storage.is_url(path) else os.path.isdir(path)
+
+
+def _isfile(path: str) -> bool:
+  if storage.is_url(path):
+    return tf.io.gfile.exists(path) and not tf.io.gfile.isdir(path)
+  return os.path.isfile(path)
+
+
+def _join(folder: str, name: str) -> str:
+  return f'{folder.rstrip("/")}/{name}' if storage.is_url(folder) else os.path.join(folder, name)
+
+
+def _entries(folder: str) -> tuple[list[str], list[str]]:
+  """(sub-folder names, file names) of one folder, hidden ones left out."""
+  if storage.is_url(folder):
+    # An object store's listing names folders with a trailing '/': one request per folder, where
+    # tf.io.gfile.walk would ask isdir of every file (one request per image).
+    names = [n for n in tf.io.gfile.listdir(folder) if not n.startswith('.')]
+    return [n.rstrip('/') for n in names if n.endswith('/')], [n for n in names if not n.endswith('/')]
+  names = [n for n in os.listdir(folder) if not n.startswith('.')]
+  subs = [n for n in names if os.path.isdir(os.path.join(folder, n))]
+  return subs, [n for n in names if n not in set(subs)]
+
+
 def _walk(root: str) -> list[str]:
   """Every file under root (recursive, following links; hidden ones left out), sorted."""
-  return sorted(os.path.join(d, name) for d, _, names in os.walk(root, followlinks=True)
-                for name in names if not name.startswith('.'))
+  if not storage.is_url(root):
+    return sorted(os.path.join(d, name) for d, _, names in os.walk(root, followlinks=True)
+                  for name in names if not name.startswith('.'))
+  files, level = [], [root.rstrip('/')]
+  with concurrent.futures.ThreadPoolExecutor(_LIST_THREADS) as pool:
+    while level:  # one depth at a time, its folders listed concurrently
+      below = []
+      for folder, (subs, names) in zip(level, pool.map(_entries, level)):
+        files += [_join(folder, n) for n in names]
+        below += [_join(folder, n) for n in subs]
+      level = below
+  return sorted(files)
 
 
 def _is_image_name(path: str) -> bool:
@@ -60,37 +103,38 @@ def _is_image_name(path: str) -> bool:
 
 def _labelled_split(root: str, split: str) -> str | None:
   """root/split when it holds only label folders (the ImageNet layout), else None."""
-  split_dir = os.path.join(root, split)
-  if not os.path.isdir(split_dir):
+  split_dir = _join(root, split)
+  if not _isdir(split_dir):
     return None
-  entries = [e for e in os.listdir(split_dir) if not e.startswith('.')]
-  if entries and all(os.path.isdir(os.path.join(split_dir, e)) for e in entries):
-    return split_dir
-  return None
+  subs, files = _entries(split_dir)
+  return split_dir if subs and not files else None
 
 
 def _classes(root: str) -> tuple[str, ...]:
   """Label names over every split folder of root, sorted (train and validation share one numbering)."""
   names = set()
-  for split in os.listdir(root):
-    if _labelled_split(root, split):
-      names.update(e for e in os.listdir(os.path.join(root, split)) if not e.startswith('.'))
+  for split in _entries(root)[0]:
+    if split_dir := _labelled_split(root, split):
+      names.update(_entries(split_dir)[0])
   return tuple(sorted(names))
 
 
 def _list(spec: str) -> list[str]:
   """The image files one entry of data_dir names: a folder, a glob, a .txt list of paths, or a file."""
-  path = os.path.expanduser(spec)
+  path = storage.absolute(spec)
   if _is_glob(path):
-    found = sorted(glob.glob(path, recursive=True))
-    return [f for p in found for f in ([p] if os.path.isfile(p) else _walk(p))]
-  if os.path.isdir(path):
+    # tf.io.gfile.glob: one listing of the pattern's fixed prefix; '**' (any depth) only on local paths.
+    found = sorted(tf.io.gfile.glob(path) if storage.is_url(path) else glob.glob(path, recursive=True))
+    return [f for p in found for f in ([p] if _isfile(p) else _walk(p))]
+  if _isdir(path):
     return _walk(path)
-  if path.endswith(('.txt', '.lst')) and os.path.isfile(path):
-    base = os.path.dirname(path)
-    with open(path) as f:  # one path per line, relative to the list's folder
-      return [os.path.join(base, os.path.expanduser(line.strip())) for line in f if line.strip()]
-  if os.path.isfile(path):
+  if path.endswith(('.txt', '.lst')) and _isfile(path):
+    base = path.rsplit('/', 1)[0] if storage.is_url(path) else os.path.dirname(path)
+    lines = [line.strip() for line in storage.read_text(path).splitlines() if line.strip()]
+    # One path per line: absolute, a URL, or relative to the list's folder.
+    return [line if storage.is_url(line) else storage.absolute(_join(base, os.path.expanduser(line)))
+            for line in lines]
+  if _isfile(path):
     return [path]
   raise FileNotFoundError(f'{spec!r} is neither a folder, a glob that matches, a .txt list nor a file.')
 
@@ -125,7 +169,6 @@ def _looks_complete(kind: str, head: bytes, tail: bytes, size: int) -> bool:
 
 def _decodes(path: str) -> bool:
   """The definitive check, for files the cheap one doubts: a full decode by the pipeline's decoder."""
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
   try:
     image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
     return bool(image.shape[0] and image.shape[1])
@@ -135,16 +178,19 @@ def _decodes(path: str) -> bool:
 
 def check(path: str) -> str | None:
   """Why the file cannot be used as an image, or None when it can."""
+  url = storage.is_url(path)
   try:
-    size = os.path.getsize(path)
+    size = tf.io.gfile.stat(path).length if url else os.path.getsize(path)
     if size == 0:
       return 'empty file'
-    with open(path, 'rb') as f:
+    with tf.io.gfile.GFile(path, 'rb') if url else open(path, 'rb') as f:
       head = f.read(32)
       f.seek(max(size - _TAIL, 0))
       tail = f.read(_TAIL)
   except OSError as e:
     return f'unreadable ({e.strerror or e})'
+  except tf.errors.OpError as e:
+    return f'unreadable ({e.message})'
   kind = _sniff(head)
   if kind is None:
     return 'not an image (unknown format)'
@@ -163,22 +209,22 @@ def _find(data_dir: str, split: str) -> tuple[list[str], list[int], tuple[str, .
   specs = [s.strip() for s in str(data_dir).split(',') if s.strip()]
   if not specs:
     raise FileNotFoundError('image_folder needs data.data_dir: a folder, a glob or a list of files.')
-  if len(specs) == 1 and os.path.isdir(root := os.path.expanduser(specs[0])):
+  if len(specs) == 1 and _isdir(root := storage.absolute(specs[0])):
     split_dir = _labelled_split(root, split)
     if split_dir:
       classes = _classes(root)
       paths, labels = [], []
-      for label in sorted(os.listdir(split_dir)):
+      for label in sorted(_entries(split_dir)[0]):
         if label in classes:
-          found = _walk(os.path.join(split_dir, label))
+          found = _walk(_join(split_dir, label))
           paths += found
           labels += [classes.index(label)] * len(found)
       return paths, labels, classes, f'{split_dir}/<label>/ ({len(classes)} classes)'
-    if os.path.isdir(os.path.join(root, split)):  # root/split holds images, no label level
-      root = os.path.join(root, split)
+    if _isdir(_join(root, split)):  # root/split holds images, no label level
+      root = _join(root, split)
     paths = _walk(root)
     return paths, [-1] * len(paths), (), f'{root} (unlabelled, recursive)'
-  paths = sorted({os.path.abspath(p) for spec in specs for p in _list(spec)})
+  paths = sorted({storage.absolute(p) for spec in specs for p in _list(spec)})
   return paths, [-1] * len(paths), (), f'{len(specs)} path pattern(s) {specs[:3]} (unlabelled)'
 
 
@@ -217,4 +263,4 @@ def folder_index(data_dir: str, split: str, bad_images: str = 'skip') -> FolderI
 
 def is_labelled(data_dir: str, split: str) -> bool:
   """Whether data_dir is one folder with a <split>/<label>/ level."""
-  return os.path.isdir(data_dir) and _labelled_split(data_dir, split) is not None
+  return _isdir(data_dir) and _labelled_split(data_dir, split) is not None
