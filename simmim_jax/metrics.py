@@ -165,8 +165,9 @@ class Writer:
     """Times from here (after compiling), so the first logged step already has a rate and an ETA."""
     self.last_time, self.last_step = time.perf_counter(), step
 
-  def scalars(self, step: int, values: dict[str, Any]) -> dict[str, float]:
-    """Logs device metrics (fetched here, once per log interval) with the derived throughput figures."""
+  def scalars(self, step: int, values: dict[str, Any], progress: bool = True) -> dict[str, float]:
+    """Logs device metrics (fetched here, once per log interval) with the derived throughput figures; the
+    console line only with `progress` (an evaluation prints its own line, not the step's a second time)."""
     values = {k: float(v) for k, v in jax.device_get(values).items()}
     now = time.perf_counter()
     if self.last_time is not None and step > self.last_step:
@@ -181,7 +182,8 @@ class Writer:
       if self.tb:
         self.tb.scalars(step, values)
       self.jsonl.write({'step': step, **values})
-      print(self.progress_line(step, values), flush=True)
+      if progress:
+        print(self.progress_line(step, values), flush=True)
     return values
 
   def progress_line(self, step: int, v: dict[str, float]) -> str:

@@ -74,6 +74,8 @@ def test_finetune_evaluates_keeps_the_best_and_resumes_exactly(pretrained, tmp_p
   straight, resumed = tmp_path / 'straight', tmp_path / 'resumed'
   out = main_job('configs/finetune_cpu.py', straight, *common(data_dir, pretrained_dir, 8), *FULL_AUGMENTATION)
   assert 'per-block tables copied from the shared one: 6' in out and 'decoder/conv/kernel' in out
+  step_lines = [l.split('|')[0].strip() for l in out.splitlines() if l.startswith('step ')]
+  assert step_lines == [f'step {s}/8' for s in range(1, 9)], step_lines  # once each, evaluations included
   results = evals(straight)
   assert sorted(results) == [4, 8] and all(r['eval_count'] == 360 for r in results.values())
   best_step = max(results, key=lambda s: (results[s]['eval_top1'], -s))

@@ -91,7 +91,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | N
         writer.scalars(step, step_metrics)
       if step % eval_every == 0 or step == total_steps:
         result = finetune_step.evaluate(eval_step, state, eval_batches())
-        writer.scalars(step, {f'eval_{k}': v for k, v in result.items()})
+        writer.scalars(step, {f'eval_{k}': v for k, v in result.items()}, progress=False)
         if result['top1'] > best_top1:
           best_top1 = result['top1']
           best.save(step, state, {'step': step, 'eval': result, 'config': checkpoint.config_dict(config)})
