@@ -1,8 +1,8 @@
 """A checkpoint and some images -> PNG grids of what SimMIM reconstructs, and the masked-patch L1 error.
 
-  python tools/visualize.py --checkpoint /tmp/simmim_base --dataset sklearn_digits --split test --out /tmp/vis
-  python tools/visualize.py --checkpoint /tmp/simmim_vit.npz --images photos/ cat.jpg --seed 3 --out /tmp/vis
-  python tools/visualize.py --checkpoint /tmp/simmim_base --random_init --out /tmp/vis_untrained
+  python tools/visualize.py --checkpoint runs/base --dataset sklearn_digits --split test --out runs/vis
+  python tools/visualize.py --checkpoint /tmp/simmim_vit.npz --images photos/ cat.jpg --seed 3 --out runs/vis
+  python tools/visualize.py --checkpoint runs/base --random_init --out runs/vis_untrained
 
 --checkpoint is a workdir (latest step), a step dir, or an .npz with the decoder (tools/export_params.py without
 --encoder_only); its config comes from the checkpoint or the JSON beside the .npz, unless --config names a

@@ -21,7 +21,7 @@ def _torch():
     import torch  # pylint: disable=import-outside-toplevel
   except ImportError as e:
     raise ImportError('Reading or writing PyTorch files needs torch and safetensors: '
-                      'pip install torch safetensors (or simmim_jax[test]).') from e
+                      'pip install torch safetensors (or: pip install -e ".[interop]").') from e
   return torch
 
 
