@@ -7,7 +7,8 @@
 
 Runs the config's real pipeline (data.name: a tfds dataset, image_folder, sklearn_digits) or, with --jpegs N,
 an image_folder of N synthetic JPEGs it writes itself (fixed seed, --jpeg_size, --quality) into --jpeg_dir.
-Prints images/s in total and per core (the cores this process may run on: taskset / cgroups), the bytes of
+Prints images/s in total and per core (the cores this process may run on: taskset / cgroups) and per CPU-second
+of this process (the cost, robust to other work on the same cores; with the 1-minute load beside), the bytes of
 one batch as it goes to the device, and with --step the train step's images/s for the same config (synthetic
 input, this machine's devices), so a user sees how many host cores feed one step: cores = step / per core.
 
@@ -70,15 +71,19 @@ def pipeline(config, batch_size: int, decode: str, task: str):
   return make(config.data, image_size=size, batch_size=batch_size, seed=0, process_index=0, process_count=1)
 
 
-def time_pipeline(batches, batch_size: int, seconds: float, warmup: int) -> tuple[float, int]:
-  """(images/s over `seconds` after `warmup` batches, bytes of one batch)."""
+def time_pipeline(batches, batch_size: int, seconds: float, warmup: int) -> tuple[float, float, int]:
+  """(images/s over `seconds` after `warmup` batches, images per CPU-second, bytes of one batch).
+
+  Images per CPU-second divides by the CPU time of this process's threads alone: on cores shared with other
+  work (a loaded machine) it still measures the pipeline's cost, where images/s measures the share it got."""
   for _ in range(warmup):
     batch = next(batches)
-  count, start = 0, time.perf_counter()
+  count, start, cpu = 0, time.perf_counter(), time.process_time()
   while time.perf_counter() - start < seconds:
     batch = next(batches)
     count += batch_size
-  return count / (time.perf_counter() - start), sum(v.nbytes for v in batch.values())
+  wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+  return count / wall, count / cpu, sum(v.nbytes for v in batch.values())
 
 
 def time_step(config, steps: int = 5) -> float:
@@ -138,11 +143,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
           config.data[key] = defaults.finetune_config().data[key]
   config.data.shuffle_buffer = min(config.data.shuffle_buffer, 1024)  # timing, not mixing
   cores = len(os.sched_getaffinity(0))
-  rate, nbytes = time_pipeline(pipeline(config, args.batch_size, args.decode, args.task), args.batch_size,
-                               args.seconds, args.warmup)
-  result = {'images_per_s': rate, 'per_core': rate / cores, 'cores': cores, 'batch_bytes': nbytes}
+  rate, cpu_rate, nbytes = time_pipeline(pipeline(config, args.batch_size, args.decode, args.task), args.batch_size,
+                                         args.seconds, args.warmup)
+  result = {'images_per_s': rate, 'per_core': rate / cores, 'per_cpu_second': cpu_rate, 'cores': cores,
+            'batch_bytes': nbytes, 'load': os.getloadavg()[0]}
   print(f'pipeline [{args.task}, decode {args.decode}, {config.data.name}, {config.model.image_size}px, batch '
-        f'{args.batch_size}]: {rate:,.1f} images/s on {cores} cores = {rate / cores:,.1f} images/s per core; '
+        f'{args.batch_size}]: {rate:,.1f} images/s on {cores} cores = {rate / cores:,.1f} images/s per core '
+        f'({cpu_rate:,.1f} per CPU-second of this process; 1-min load {result["load"]:.2f}); '
         f'{nbytes:,} bytes per batch to the device ({nbytes // args.batch_size:,} per image)', flush=True)
   if args.step:
     step_rate = time_step(config)
