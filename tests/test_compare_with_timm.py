@@ -1,0 +1,28 @@
+"""tools/compare_with_timm.py: on a tiny budget the project's fine-tuning learns about as well as the timm peer
+(same images, batch size and steps), and the table it prints carries both means."""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip('torch')
+pytest.importorskip('timm')
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.slow  # two trainings of 80 steps: ~1-2 minutes on 2 idle cores
+def test_project_is_not_far_behind_the_peer(tmp_path):
+  result = subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'tools', 'compare_with_timm.py'), '--config',
+       'configs/finetune_cpu.py:scratch', '--set', f'data.data_dir={tmp_path}', '--steps', '80', '--seeds', '0',
+       '--threads', '2'], cwd=ROOT, capture_output=True, text=True, check=False, timeout=1800)
+  assert result.returncode == 0, result.stderr[-3000:]
+  mean = re.search(r'^mean \| ([0-9.]+)\s*\| ([0-9.]+)$', result.stdout, re.M)
+  assert mean, result.stdout[-2000:]
+  project, peer = float(mean.group(1)), float(mean.group(2))
+  assert peer > 0.5, result.stdout[-2000:]  # the peer itself learns: 10 classes, chance is 0.1
+  # 80 steps of one seed are noisy (+-0.05 between seeds); a gap of 0.10 is the issue's failure (0.40 vs 0.80)
+  assert project >= peer - 0.10, result.stdout[-2000:]
