@@ -10,8 +10,10 @@ import sys
 
 import numpy as np
 
+import pytest
+
 import gcs_helpers
-from gcs_helpers import BUCKET, gcs, ok  # pylint: disable=unused-import  (gcs: the fixture)
+from gcs_helpers import BUCKET, ROOT, gcs, ok  # pylint: disable=unused-import  (gcs: the fixture)
 from test_unlabelled import BAD, GOOD, IGNORED, _photo, make_folder
 
 PROCESSES = 2  # the batches compared are process 1's slice of 2
@@ -49,6 +51,23 @@ def test_image_folders_in_a_bucket_read_like_their_local_copy(gcs, tmp_path):
       assert got.files == want.files and got['image'].shape == (3, 4, 16, 16, 3)
       for key in want.files:
         np.testing.assert_array_equal(got[key], want[key], err_msg=f'{name} {key}')
+
+
+@pytest.mark.slow  # two short trainer runs (compiles) in subprocesses: minutes on 2 cores
+def test_pretraining_from_a_bucket_folder_equals_pretraining_from_its_local_copy(gcs, tmp_path):
+  photos = make_folder(tmp_path / 'photos')
+  gcs.upload(photos, 'train-photos')
+  losses = []
+  for name, data_dir in (('bucket', f'gs://{BUCKET}/train-photos'), ('local', photos)):
+    workdir = str(tmp_path / name)
+    result = ok(gcs_helpers.drive(
+        gcs.env('tf'), 'train', 'configs/base.py', workdir, 'data.name=image_folder', f'data.data_dir={data_dir}',
+        'batch_size=8', 'total_steps=3', 'data.shuffle_buffer=16', 'log_every_steps=1', 'checkpoint.every_steps=1000',
+        'image_every_steps=1000', script=os.path.join(ROOT, 'tests', 'test_gcs.py')))
+    assert f'skipped {len(BAD)} of' in result.stdout, result.stdout[-3000:]
+    rows = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
+    losses.append({r['step']: r['loss'] for r in rows if 'loss' in r})
+  assert sorted(losses[0]) == [1, 2, 3] and losses[0] == losses[1]
 
 
 def summarise(root: str, out: str) -> None:
