@@ -23,8 +23,8 @@ worker is pinned to --threads CPUs only when fewer than it has. --baseline ROOT 
 step of another checkout (e.g. `git worktree add /tmp/before COMMIT`; its tools/benchmark.py must speak this
 worker protocol), relative config paths resolved in that checkout. Prints per pair each side's img/s and
 the ratio to torch, then medians, and each side's % of its own measured matmul peak (an n x n matmul in the
-model's dtype, timed in that worker: what this CPU gives each framework at best), with the model FLOPs
-counted by XLA for both.
+model's dtype, timed in that worker after each of its turns, the median taken: what this CPU gives each
+framework at best at that load), with the model FLOPs counted by XLA for both.
 """
 import argparse
 import json
@@ -151,7 +151,7 @@ def worker(side: str, spec: str, overrides: list[str], steps: int, warmup: int, 
     step, model_flops, _, _ = make_jax_step(config)
     finish = lambda metrics: float(jax.block_until_ready(metrics)['loss'])
     label = f'jax {jax.__version__} ({len(os.sched_getaffinity(0))} CPUs)'
-    peak = lambda: matmul_peak_tflops(config.model.dtype)
+    peak = lambda seconds=1.0: matmul_peak_tflops(config.model.dtype, seconds=seconds)
   else:
     sys.path.insert(0, os.path.join(ROOT, 'tools'))
     import torch_peer  # pylint: disable=g-import-not-at-top,import-outside-toplevel
@@ -160,7 +160,8 @@ def worker(side: str, spec: str, overrides: list[str], steps: int, warmup: int, 
     step, model_flops = torch_peer.make_train_step(config), None  # the same model: the JAX side's count
     finish = lambda loss: loss.item()
     label = f'torch {torch.__version__} ({torch.get_num_threads()} threads)'
-    peak = lambda: torch_peer.matmul_peak_tflops(dtype=torch_peer.AUTOCAST.get(str(config.model.dtype), torch.float32))
+    dtype = torch_peer.AUTOCAST.get(str(config.model.dtype), torch.float32)
+    peak = lambda seconds=1.0: torch_peer.matmul_peak_tflops(dtype=dtype, seconds=seconds)
   start = time.perf_counter()
   for _ in range(warmup):
     out = step()
@@ -173,12 +174,13 @@ def worker(side: str, spec: str, overrides: list[str], steps: int, warmup: int, 
     for _ in range(steps):
       out = step()
     loss = finish(out)
-    send(step_s=(time.perf_counter() - start) / steps, loss=loss)
+    # The peak again after each turn: on a shared machine one reading at start is off by up to 2x.
+    send(step_s=(time.perf_counter() - start) / steps, loss=loss, peak_tflops=peak(0.5))
 
 
 class Side(NamedTuple):
   name: str  # 'jax', 'jax@ROOT' (a baseline checkout) or 'torch'
-  peak_tflops: float  # its own measured matmul peak
+  peak_tflops: float  # its own measured matmul peak (the median of its readings after each turn)
   step_s: list[float]  # seconds per step, one per pair
 
 
@@ -221,14 +223,15 @@ def against_torch(args: argparse.Namespace) -> None:
       print(f'{name}: {infos[-1]["label"]}, compile + {args.warmup} warm-up steps {infos[-1]["compile_s"]:.1f}s, '
             f'matmul peak {infos[-1]["peak_tflops"]:.3f} TFLOP/s', flush=True)
     config = config_io.load_config(spec, args.set)
-    batch, times = config.batch_size, [[] for _ in sides]
+    batch, times, peaks = config.batch_size, [[] for _ in sides], [[] for _ in sides]
     for pair in range(args.pairs):
       parts = []
-      for (_, name, _), w, t in zip(sides, workers, times):
+      for (_, name, _), w, t, pk in zip(sides, workers, times, peaks):
         w.stdin.write('run\n')
         w.stdin.flush()
         r = receive(w, name)
         t.append(r['step_s'])
+        pk.extend([r['peak_tflops']] if 'peak_tflops' in r else [])  # a --baseline may predate per-turn peaks
         parts.append(f'{name} {batch / r["step_s"]:.2f} img/s (loss {r["loss"]:.4f})')
       ratios = ' | '.join(f'{n} / torch {times[-1][-1] / t[-1]:.2f}x' for (_, n, _), t in zip(sides[:-1], times))
       print(f'pair {pair + 1}: ' + ' | '.join(parts) + f' | {ratios}', flush=True)
@@ -237,8 +240,9 @@ def against_torch(args: argparse.Namespace) -> None:
       w.stdin.close()
       w.wait()
   model_flops = infos[0]['flops']
-  for line in summary([Side(n, i['peak_tflops'], t) for (_, n, _), i, t in zip(sides, infos, times)],
-                      batch, model_flops):
+  measured = [Side(n, statistics.median(pk or [i['peak_tflops']]), t)
+              for (_, n, _), i, t, pk in zip(sides, infos, times, peaks)]
+  for line in summary(measured, batch, model_flops):
     print(line, flush=True)
 
 
