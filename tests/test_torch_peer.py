@@ -91,7 +91,8 @@ def test_against_torch_one_pair():
   """tools/benchmark.py --against torch on a tiny model: both sides build, take one turn each, and the
   printed ratio is the printed img/s over each other."""
   result = subprocess.run(
-      [sys.executable, os.path.join(ROOT, 'tools', 'benchmark.py'), '--config', os.path.join(ROOT, 'configs', 'base.py'),
+      [sys.executable, os.path.join(ROOT, 'tools', 'benchmark.py'),
+       '--config', os.path.join(ROOT, 'configs', 'base.py'),
        '--set', 'batch_size=8', '--against', 'torch', '--pairs', '1', '--steps', '1',
        '--warmup', '1', '--threads', '1'],
       capture_output=True, text=True, check=True, timeout=600)

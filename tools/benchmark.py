@@ -104,7 +104,8 @@ def benchmark(config, steps: int, warmup: int) -> dict[str, float]:
   jax.block_until_ready(metrics)
   seconds = (time.perf_counter() - start) / steps
   examples = config.batch_size * max(task.tokens_per_example, 1)  # text counts tokens
-  return {'unit': 'tokens' if task.tokens_per_example else task.unit, 'params_M': num_params / 1e6, 'step_s': seconds, 'steps_per_s': 1 / seconds,
+  return {'unit': 'tokens' if task.tokens_per_example else task.unit, 'params_M': num_params / 1e6,
+          'step_s': seconds, 'steps_per_s': 1 / seconds,
           'examples_per_s': examples / seconds, 'model_tflops_per_step': step_flops / 1e12,
           'achieved_tflops': step_flops / seconds / 1e12, 'warmup_s': compile_and_warmup}
 
