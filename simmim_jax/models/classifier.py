@@ -59,7 +59,8 @@ def build_classifier(config: ml_collections.ConfigDict, num_classes: int) -> Cla
         raise ValueError(f'probe.block={block} must be in 1..{encoder.depth} (the ViT depth).')
       overrides['depth'] = block  # the first `block` blocks; later pretrained blocks are not loaded
     encoder = encoder.clone(**overrides)
-    head_init = layers.scaled_init(HEAD_INIT, 1.0 / HEAD_INIT_SCALE)  # the bias is 0, so x0.001 leaves it 0
+    scale = config.get('head_init_scale', HEAD_INIT_SCALE)  # configs saved before the field: the official one
+    head_init = layers.scaled_init(HEAD_INIT, 1.0 / scale)  # the bias is 0, so the scale leaves it 0
     return Classifier(encoder, num_classes, fc_norm=not probe, head_init=head_init, frozen=probe,
                       batch_norm=probe and config.probe.batch_norm)
   if block is not None:
