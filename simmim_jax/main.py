@@ -69,10 +69,19 @@ def main(argv: list[str]) -> None:
     sys.exit(f'error: {" ".join(str(e).split())}  (--debug shows the traceback)')
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's parser, with a flag that does not parse (e.g. --config.total_steps=None on an int field) as one
+  line, not absl's two with a usage hint."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(f'error: {e} (--helpshort lists the flags, --print_config the config fields and their values).')
+
+
 def entry() -> None:
   """app.run(main), with a config override that names no field (parsed before main) as one line too."""
   try:
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
   except (AttributeError, KeyError, TypeError) as e:
     if _CONFIG.present or os.environ.get('SIMMIM_DEBUG') or '--debug' in sys.argv:
       raise  # raised inside the run, not by the override parser: a bug, keep the traceback

@@ -91,6 +91,11 @@ def _plain(config: Any) -> dict[str, Any]:
 
 
 def _load_npz(path: str) -> dict[str, Any]:
+  with storage.path(path).open('rb') as f:
+    head = f.read(4)
+  if head[:2] != b'PK':  # not a zip: np.load would take it for a pickle and talk about allow_pickle
+    raise ValueError(f'{path} is not an .npz archive (it starts with {head!r}): give an .npz written by '
+                     'tools/export_params.py or np.savez, a .safetensors file or a checkpoint directory.')
   with storage.path(path).open('rb') as f, np.load(f, allow_pickle=False) as data:
     dtypes = json.loads(str(data[DTYPES_KEY])) if DTYPES_KEY in data.files else {}  # files of earlier versions
     flat = {name: data[name] for name in data.files if name != DTYPES_KEY}

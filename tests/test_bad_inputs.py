@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from simmim_jax import config_io, tasks, validate
+from simmim_jax import config_io, params_io, tasks, validate
 from simmim_jax.errors import UserError
 from workdir_helpers import snapshot
 
@@ -73,6 +73,20 @@ def test_init_from_that_is_not_there_or_not_weights(tmp_path):
                                  {'init_from': str(tmp_path / 'nope')})
   with pytest.raises(UserError, match='does not exist'):
     validate.check(config)
+  garbage = tmp_path / 'garbage.npz'
+  garbage.write_bytes(b'not a zip file')  # np.load alone would call it a pickle and suggest allow_pickle
+  with pytest.raises(ValueError, match='garbage.npz is not an .npz archive'):
+    params_io.load_params(str(garbage))
+
+
+def test_a_flag_that_does_not_parse_is_one_line(tmp_path):
+  result = subprocess.run([sys.executable, '-m', 'simmim_jax.main', f'--config={BASE}', f'--workdir={tmp_path / "w"}',
+                           '--config.total_steps=ten'], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          check=False)
+  assert result.returncode == 1 and result.stderr.strip().splitlines() == [
+      "error: flag --config.total_steps=ten: invalid literal for int() with base 10: 'ten' (--helpshort lists the "
+      'flags, --print_config the config fields and their values).'], result.stderr
+  assert not (tmp_path / 'w').exists()
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -94,21 +108,26 @@ def test_the_bad_input_table(tmp_path):
   assert first.returncode == 0, first.stderr[-3000:]
   garbage = tmp_path / 'garbage.npz'
   garbage.write_bytes(b'not a zip file')
-  cases = [(flags_of(o), m) for o, m in CONFIG_CASES + MODEL_CASES] + [
+  # On the command line an int field does not take None: the flag parser's one line names the flag instead.
+  parsed = {'Set total_steps or total_epochs': 'flag --config.total_steps=None: invalid literal for int()'}
+  cases = [(flags_of(o), parsed.get(m, m)) for o, m in CONFIG_CASES + MODEL_CASES] + [
       (['--config.model.image_size=64', '--config.mask.mask_patch_size=16'], 'model.image_size: 32 -> 64'),
       (['--config.model.variant=Ti/4'], "model.variant: 'Mu/4' -> 'Ti/4'"),
-      (['--config.batch_size=12'], 'batch_size=12 must be divisible'),
+      (['--config.batch_size=12', '--config.optim.accum_steps=8'], 'batch_size=12 must be divisible'),  # 1 device
       (['--config.data.name=mnist'], 'mnist'),
       (['--config.data.name=image_folder', f'--config.data.data_dir={tmp_path / "no_images"}'], 'no_images'),
       (['--config.mesh.fsdp=3'], 'mesh.data=-1 x mesh.fsdp=3'),
-      ([f'--config=configs/finetune_cpu.py', f'--config.init_from={garbage}'], 'garbage.npz'),
+      ([f'--config=configs/finetune_cpu.py', f'--config.init_from={garbage}'], 'garbage.npz is not an .npz archive'),
       ([f'--config=configs/finetune_cpu.py', f'--config.init_from={tmp_path / "missing"}'], 'does not exist'),
       (['--config.unknown_field=1'], 'unknown_field'),
+      (['--config=configs/finetune_cpu.py:scratch'], 'holds a different run'),  # fine-tuning into a pretraining run
+      (['--config.total_steps=ten'], "flag --config.total_steps=ten: invalid literal for int()"),
   ]
   rows = []
   for flags, message in cases:
     workdir = tmp_path / f'case{len(rows)}'
-    shutil.copytree(good, workdir)
+    if not any('init_from' in f for f in flags):  # the init_from cases start in a new workdir (nothing written)
+      shutil.copytree(good, workdir)
     before = snapshot(workdir)
     config = [f for f in flags if f.startswith('--config=')] or [f'--config={BASE}']
     start = time.perf_counter()
@@ -117,11 +136,11 @@ def test_the_bad_input_table(tmp_path):
                             capture_output=True, text=True, timeout=300, check=False)
     seconds = time.perf_counter() - start
     last = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ''
-    rows.append((' '.join(flags)[:70], last[:150], seconds, result.returncode, snapshot(workdir) == before,
+    rows.append((' '.join(flags)[:70], last, seconds, result.returncode, snapshot(workdir) == before,
                  'Traceback' in result.stderr))
   print('\n| input | message (last line) | s | exit | files unchanged | traceback |')
   for row in rows:
-    print('| {} | {} | {:.1f} | {} | {} | {} |'.format(*row))
+    print('| {} | {} | {:.1f} | {} | {} | {} |'.format(row[0], row[1][:150], *row[2:]))
   for (flags, message), (_, last, seconds, code, unchanged, traceback) in zip(cases, rows):
     assert code != 0 and unchanged and not traceback, (flags, last)
     assert message in last, (flags, last)

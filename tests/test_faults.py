@@ -143,8 +143,8 @@ def test_sigkill_at_random_moments_never_changes_the_result(tmp_path, data_dir):
   whole = run(tmp_path / 'whole', *flags)
   assert whole.returncode == 0, whole.stderr[-3000:]
   # Kill moments span start-up to the end of a whole run as timed here, so a loaded machine (slow start-up)
-  # still sees kills mid-step and mid-save, and every trial finishes.
-  latest = max(40.0, 1.2 * (time.perf_counter() - began))
+  # still sees kills mid-step and mid-save; a resumed run has fewer steps left, so every trial finishes.
+  latest = time.perf_counter() - began
   reference = params(tmp_path / 'whole', 24)
   rng, trials, identical = random.Random(0), int(os.environ.get('KILL_TRIALS', 10)), 0
   for trial in range(trials):
@@ -162,5 +162,5 @@ def test_sigkill_at_random_moments_never_changes_the_result(tmp_path, data_dir):
       break
     result = params(workdir, 24)
     identical += all(np.array_equal(result[k], reference[k]) for k in reference)
-    print(f'trial {trial}: {kills} kills, identical={identical}')
+    print(f'trial {trial}: {kills} kills (moments drawn in 3-{latest:.0f} s), identical={identical}')
   assert identical == trials, f'{identical}/{trials} identical'
