@@ -56,17 +56,15 @@ def _is_glob(spec: str) -> bool:
 
 
 def _isdir(path: str) -> bool:
-  return tf.io.gfile.isdir(path) if storage.is_url(path) else os.path.isdir(path)
+  return storage.path(path).is_dir()  # epath: os locally, tf.io.gfile at a URL (TensorFlow is loaded here)
 
 
 def _isfile(path: str) -> bool:
-  if storage.is_url(path):
-    return tf.io.gfile.exists(path) and not tf.io.gfile.isdir(path)
-  return os.path.isfile(path)
+  return storage.path(path).is_file()
 
 
 def _join(folder: str, name: str) -> str:
-  return f'{folder.rstrip("/")}/{name}' if storage.is_url(folder) else os.path.join(folder, name)
+  return os.fspath(storage.path(folder, name))
 
 
 def _entries(folder: str) -> tuple[list[str], list[str]]:
