@@ -47,9 +47,10 @@ def write_text(target: PathLike, text: str) -> None:
 
 
 def glob(pattern: str) -> list[str]:
-  """Sorted matches of a glob pattern, local ('~/corpus/*.txt') or a URL ('gs://bucket/corpus/*.txt')."""
+  """Sorted matches of a glob pattern, local ('~/corpus/*.txt', '**' at any depth) or a URL
+  ('gs://bucket/corpus/*.txt')."""
   if not is_url(pattern):
-    return sorted(globlib.glob(os.path.expanduser(pattern)))
+    return sorted(globlib.glob(os.path.expanduser(pattern), recursive=True))
   parts = pattern.split('/')
   wild = [i for i, part in enumerate(parts) if any(c in part for c in '*?[')]
   if not wild:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
-import glob
 import logging
 import os
 import struct
@@ -121,8 +120,7 @@ def _list(spec: str) -> list[str]:
   """The image files one entry of data_dir names: a folder, a glob, a .txt list of paths, or a file."""
   path = storage.absolute(spec)
   if _is_glob(path):
-    # tf.io.gfile.glob: one listing of the pattern's fixed prefix; '**' (any depth) only on local paths.
-    found = sorted(tf.io.gfile.glob(path) if storage.is_url(path) else glob.glob(path, recursive=True))
+    found = storage.glob(path)  # '**' (any depth) on local paths only
     return [f for p in found for f in ([p] if _isfile(p) else _walk(p))]
   if _isdir(path):
     return _walk(path)
