@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.join(ROOT, 'tools'))
 import torch_peer  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 CONFIGS = {
-    'vit_beit': ('base.py', ['batch_size=4', 'model.drop_path_rate=0.1']),
+    'vit_beit': ('base.py', ['batch_size=4', 'model.style=beit', 'model.drop_path_rate=0.1']),
     'vit_plain': ('base.py', ['batch_size=4', 'model.style=plain']),
     'swin': ('swin_tiny_cpu.py', ['batch_size=2']),
     'swinv2': ('swin_tiny_cpu.py', ['batch_size=2', 'model.name=swinv2']),

@@ -65,7 +65,7 @@ def test_mask_is_a_function_of_the_seed_and_overrides_apply():
   a, b, c = (visualize.draw_mask(config, s, 4) for s in (3, 3, 4))
   np.testing.assert_array_equal(a, b)
   assert not np.array_equal(a, c)
-  assert (a.sum(axis=(1, 2)) == 10 * 4).all()  # ceil(0.6 * 16) cells of 2x2 tokens
+  assert (a.sum(axis=(1, 2)) == 39).all()  # ceil(0.6 * 64) cells of one 4x4 token (base.py's mask)
   params = visualize.init_params(config)
   images = np.zeros((2, 32, 32, 3), np.float32)
   fig = visualize.figure(params, config, images, seed=1, mask_ratio=0.25, mask_patch_size=16)
