@@ -113,6 +113,11 @@ def pretrain_config() -> ml_collections.ConfigDict:
   return c
 
 
+def steps_per_epoch_of(num_examples: int, batch_size: int) -> int:
+  """Optimizer steps per epoch: the input drops each epoch's last partial batch; at least one."""
+  return max(num_examples // batch_size, 1)
+
+
 def resolve_steps(cfg: ml_collections.ConfigDict, name: str, steps_per_epoch: int) -> int:
   """`name_steps` if set, else round(`name_epochs` * steps_per_epoch)."""
   steps, epochs = cfg.get(f'{name}_steps'), cfg.get(f'{name}_epochs')

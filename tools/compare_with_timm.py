@@ -138,7 +138,8 @@ def main() -> None:
   if steps is None:  # the recipe's own length, for the peer too
     from simmim_jax import defaults  # pylint: disable=import-outside-toplevel
     from simmim_jax.data import sources  # pylint: disable=import-outside-toplevel
-    steps = defaults.resolve_steps(config, 'total', max(sources.num_examples(config.data) // config.batch_size, 1))
+    per_epoch = defaults.steps_per_epoch_of(sources.num_examples(config.data), config.batch_size)
+    steps = defaults.resolve_steps(config, 'total', per_epoch)
   data = config.data
   if not args.no_peer:
     size = config.model.image_size

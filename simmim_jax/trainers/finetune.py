@@ -8,7 +8,7 @@ import ml_collections
 
 from simmim_jax import checkpoint, feed, finetune_step, metrics, optim, params_io, pretrained, sharding
 from simmim_jax.data import classification, sources
-from simmim_jax.defaults import resolve_steps
+from simmim_jax.defaults import resolve_steps, steps_per_epoch_of
 from simmim_jax.models.classifier import build_classifier
 from simmim_jax.trainers.run import Run, log
 
@@ -26,7 +26,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | N
   if config.optim.accum_steps != 1:
     raise ValueError('Fine-tuning does not accumulate gradients: set optim.accum_steps=1 and batch_size per step.')
   num_classes = config.num_classes or classification.num_classes(config.data)  # fails fast if data is missing
-  steps_per_epoch = max(sources.num_examples(config.data) // config.batch_size, 1)
+  steps_per_epoch = steps_per_epoch_of(sources.num_examples(config.data), config.batch_size)
   total_steps = resolve_steps(config, 'total', steps_per_epoch)
   eval_every = config.eval_every_steps or steps_per_epoch
   model = build_classifier(config, num_classes)

@@ -8,7 +8,7 @@ import jax
 import ml_collections
 
 from simmim_jax import feed, metrics, pretrain_step, sharding, tasks
-from simmim_jax.defaults import resolve_steps
+from simmim_jax.defaults import resolve_steps, steps_per_epoch_of
 from simmim_jax.trainers.run import Run, log
 
 
@@ -25,7 +25,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | N
   sharding.check_batch_size(config.batch_size, mesh, config.optim.accum_steps)
   task = tasks.build(config)  # the config's checks and the model, once for the whole run
   data = task.data()  # fails fast if the data is missing
-  steps_per_epoch = max(data.num_examples // config.batch_size, 1)
+  steps_per_epoch = steps_per_epoch_of(data.num_examples, config.batch_size)
   total_steps = resolve_steps(config, 'total', steps_per_epoch)
   s = pretrain_step.setup(task, mesh, total_steps, steps_per_epoch)
 
