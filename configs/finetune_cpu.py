@@ -19,8 +19,9 @@ Expected: held-out top-1 after 220 steps on the digits, means of seeds 0-2 (READ
           the same size in a plain PyTorch loop reaches 0.776 with the same images and budget
           (tools/compare_with_timm.py --seeds 0,1,2). The two are the same algorithm: from the same weights and
           batches they agree step for step (tests/test_finetune_matches_torch.py) and, over all 220 steps, end at
-          the same top-1 (0.736 in both, one such paired run); what is left between them is the spread between
-          seeds, i.e. initial weights and batch order (single runs 0.64-0.81 on the 360 test digits). Before issue 14
+          the same top-1 (0.736 in both, one such paired run). What is left between them is not explained yet
+          (seeds 0-5: 0.729 vs 0.773; single runs of either spread over 0.64-0.83 on the 360 test digits; on
+          MNIST's 1,000 the means agree, 0.610 vs 0.607: README, issue 14). Before issue 14
           (crop 0.875 at eval, random crops, erasing, label smoothing, layer decay 0.75, head x0.001, BEiT-style
           encoder) scratch reached 0.48 and base.py's encoder 0.58.
 
