@@ -123,7 +123,7 @@ def test_resize_equals_torch_bicubic():
 
 
 def pretrained_params(name, variant, size, window=7):
-  config = config_io.load_config('configs/base.py', {'model.name': name, 'model.variant': variant,
+  config = config_io.load_config('configs/base.py', {'model.name': name, 'model.variant': variant, 'model.style': 'beit',
                                                      'model.image_size': size, 'model.window_size': window})
   model = build_simmim(config.model)
   grid = size // model.encoder.patch_size
