@@ -219,7 +219,7 @@ def test_command_line_tools_on_a_checkpoint(tmp_path):
   from simmim_jax import checkpoint, config_io  # pylint: disable=import-outside-toplevel
   from tools import convert_to_torch, export_params  # pylint: disable=import-outside-toplevel
   from safetensors.torch import load_file  # pylint: disable=import-outside-toplevel
-  config = config_io.load_config('configs/base.py')
+  config = config_io.load_config('configs/base.py', {'model.style': 'beit'})  # the official ViT, as the test model
   _, params, cfg = simmim_model('vit_beit', seed=9)
   assert {k: config.model[k] for k in ('name', 'variant', 'style', 'image_size')} == \
       {k: cfg[k] for k in ('name', 'variant', 'style', 'image_size')}
