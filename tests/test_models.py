@@ -107,6 +107,31 @@ def test_beit_init_rules():
   assert 'bias' not in p['blocks_3']['attn']['qkv']
 
 
+
+def test_plain_init_follows_timms_vision_transformer():
+  """style='plain' draws every parameter as timm's VisionTransformer does (its init='' rules: std .02 Linear
+  weights and position embedding, PyTorch's conv default for the patch embedding, cls token std 1e-6): mean and
+  std of each kind of tensor against the same tensor of a timm model built at base.py's size."""
+  torch = pytest.importorskip('torch')
+  timm_vit = pytest.importorskip('timm.models.vision_transformer')
+  p = models.build_encoder(small_vit('plain')).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))['params']
+  torch.manual_seed(0)
+  t = dict(timm_vit.VisionTransformer(img_size=32, patch_size=4, embed_dim=128, depth=6, num_heads=4,
+                                      num_classes=0).named_parameters())
+  pairs = {'cls_token': p['cls_token'], 'pos_embed': p['pos_embed'],
+           'patch_embed.proj.weight': p['patch_embed']['kernel'], 'patch_embed.proj.bias': p['patch_embed']['bias'],
+           'blocks.5.attn.qkv.weight': p['blocks_5']['attn']['qkv']['kernel'],
+           'blocks.5.attn.qkv.bias': p['blocks_5']['attn']['qkv']['bias'],
+           'blocks.3.mlp.fc2.weight': p['blocks_3']['mlp']['fc2']['kernel'],
+           'blocks.0.norm1.weight': p['blocks_0']['norm1']['scale']}
+  for name, ours in pairs.items():
+    ours, theirs = np.asarray(ours), t[name].detach().numpy()
+    assert ours.size == theirs.size, name
+    np.testing.assert_allclose(ours.std(), theirs.std(), rtol=0.25 if ours.size <= 128 else 0.05, atol=1e-9,
+                               err_msg=name)
+    np.testing.assert_allclose(ours.mean(), theirs.mean(), atol=4 * theirs.std() / np.sqrt(theirs.size) + 1e-9,
+                               err_msg=name)
+
 @pytest.mark.parametrize('patch,shape', [(16, (2, 48, 40, 3)), (4, (2, 34, 33, 3)), (4, (2, 17, 16, 16)),
                                          (1, (2, 7, 7, 12)), (1, (2, 3, 3, 256))])
 def test_patch_conv_is_the_strided_conv(patch, shape):

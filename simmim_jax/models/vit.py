@@ -83,7 +83,8 @@ class ViT(nn.Module):
       mask_token = self.param('mask_token', init, (1, 1, c))
       w = mask.reshape(b, gh * gw, 1).astype(x.dtype)
       x = x * (1 - w) + mask_token.astype(x.dtype) * w
-    cls_token = self.param('cls_token', init, (1, 1, c))
+    # timm's plain ViT draws its cls token from normal(std=1e-6), not the std .02 of every other weight
+    cls_token = self.param('cls_token', init if beit else nn.initializers.normal(1e-6), (1, 1, c))
     x = jnp.concatenate([jnp.broadcast_to(cls_token.astype(x.dtype), (b, 1, c)), x], axis=1)
     bias, block_grid = None, None
     if beit and self.rel_pos == 'shared':
