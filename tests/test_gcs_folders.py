@@ -1,6 +1,6 @@
 """image_folder in a bucket: `data.name=image_folder data.data_dir=gs://bucket/photos`, labelled or not, read
-through tf.io.gfile from the GCS emulator of tests/gcs_helpers.py, gives the index, the skipped files and the
-batches (bit for bit) that the same folder gives from a local disk.
+through tf.io.gfile from the GCS emulator of tests/gcs_helpers.py, gives the index, the skipped files, the
+batches and the figures' sample images (tools/visualize.py; bit for bit) that the same folder gives from a local disk.
 
 This file is also the driver run in the emulator's environment (`python tests/test_gcs_folders.py ROOT OUT`).
 """
@@ -49,6 +49,7 @@ def test_image_folders_in_a_bucket_read_like_their_local_copy(gcs, tmp_path):
   for name in ('photos', 'labelled'):
     with np.load(tmp_path / 'bucket' / f'{name}.npz') as got, np.load(tmp_path / 'local' / f'{name}.npz') as want:
       assert got.files == want.files and got['image'].shape == (3, 4, 16, 16, 3)
+      assert got['figure_split'].shape == got['figure_files'].shape == (3, 16, 16, 3)
       for key in want.files:
         np.testing.assert_array_equal(got[key], want[key], err_msg=f'{name} {key}')
 
@@ -75,7 +76,7 @@ def summarise(root: str, out: str) -> None:
   to out/summary.json (paths relative to their folder) and out/<folder>.npz."""
   import itertools  # pylint: disable=import-outside-toplevel
   from simmim_jax import defaults  # pylint: disable=import-outside-toplevel
-  from simmim_jax.data import images, sources  # pylint: disable=import-outside-toplevel
+  from simmim_jax.data import images, samples, sources  # pylint: disable=import-outside-toplevel
 
   def data(data_dir: str, **overrides):
     config = defaults.pretrain_config().data
@@ -95,7 +96,10 @@ def summarise(root: str, out: str) -> None:
     batches = images.pretrain_batches(data(folder), image_size=16, batch_size=4, seed=0, process_index=1,
                                       process_count=PROCESSES)
     first = list(itertools.islice(batches, 3))
-    np.savez(os.path.join(out, f'{name}.npz'), **{k: np.stack([b[k] for b in first]) for k in first[0]})
+    figure = {'figure_split': samples.split_images(data(folder), 3, 16),  # visualize.py --split on the folder
+              'figure_files': samples.file_images([f'{folder}/c/rgba.png', f'{folder}/a'] if name == 'photos' else [folder],
+                                                  3, 16, (0.5,) * 3, (0.25,) * 3)}  # visualize.py --images
+    np.savez(os.path.join(out, f'{name}.npz'), **{k: np.stack([b[k] for b in first]) for k in first[0]}, **figure)
   summary['labelled_val'] = len(sources.folder_index(data(f'{root}/labelled', split='val')))
   summary['glob'] = len(sources.folder_index(data(f'{root}/photos/c/*.png')))  # rgba, palette
   summary['list'] = len(sources.folder_index(data(f'{root}/photos/list.txt')))

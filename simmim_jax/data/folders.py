@@ -78,7 +78,7 @@ def _entries(folder: str) -> tuple[list[str], list[str]]:
   return subs, [n for n in names if n not in set(subs)]
 
 
-def _walk(root: str) -> list[str]:
+def walk(root: str) -> list[str]:
   """Every file under root (recursive, following links; hidden ones left out), sorted."""
   if not storage.is_url(root):
     return sorted(os.path.join(d, name) for d, _, names in os.walk(root, followlinks=True)
@@ -121,9 +121,9 @@ def _list(spec: str) -> list[str]:
   path = storage.absolute(spec)
   if _is_glob(path):
     found = storage.glob(path)  # '**' (any depth) on local paths only
-    return [f for p in found for f in ([p] if _isfile(p) else _walk(p))]
+    return [f for p in found for f in ([p] if _isfile(p) else walk(p))]
   if _isdir(path):
-    return _walk(path)
+    return walk(path)
   if path.endswith(('.txt', '.lst')) and _isfile(path):
     base = path.rsplit('/', 1)[0] if storage.is_url(path) else os.path.dirname(path)
     lines = [line.strip() for line in storage.read_text(path).splitlines() if line.strip()]
@@ -212,13 +212,13 @@ def _find(data_dir: str, split: str) -> tuple[list[str], list[int], tuple[str, .
       paths, labels = [], []
       for label in sorted(_entries(split_dir)[0]):
         if label in classes:
-          found = _walk(_join(split_dir, label))
+          found = walk(_join(split_dir, label))
           paths += found
           labels += [classes.index(label)] * len(found)
       return paths, labels, classes, f'{split_dir}/<label>/ ({len(classes)} classes)'
     if _isdir(_join(root, split)):  # root/split holds images, no label level
       root = _join(root, split)
-    paths = _walk(root)
+    paths = walk(root)
     return paths, [-1] * len(paths), (), f'{root} (unlabelled, recursive)'
   paths = sorted({storage.absolute(p) for spec in specs for p in _list(spec)})
   return paths, [-1] * len(paths), (), f'{len(specs)} path pattern(s) {specs[:3]} (unlabelled)'

@@ -1,16 +1,20 @@
 """A few evaluation images for figures: the first N of a tfds split, a folder, or files -> normalised arrays.
 
 No augmentation: each image is centre-cropped to a square and resized (PIL bilinear), so a figure shows the
-same pixels every time. TensorFlow is imported only to read a tfds split; folders and files need only PIL.
+same pixels every time. TensorFlow is imported only to read a tfds split; folders and files need only PIL, and
+may be local or URLs (gs://bucket/photos: read through simmim_jax.storage).
 """
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Sequence
 
 import ml_collections
 import numpy as np
 from PIL import Image
+
+from simmim_jax import storage
 
 EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp', '.tif', '.tiff')
 
@@ -28,18 +32,27 @@ def prepare(image: np.ndarray | Image.Image, image_size: int, mean: Sequence[flo
   return ((np.asarray(image, np.float32) / 255.0 - np.asarray(mean)) / np.asarray(std)).astype(np.float32)
 
 
+def _folder_files(folder: str) -> list[str]:
+  """Every non-hidden file under a folder, sorted: os.walk locally (no TensorFlow), a bucket through the
+  image_folder lister (tf.io.gfile, one listing per folder)."""
+  if storage.is_url(folder):
+    from simmim_jax.data import folders  # pylint: disable=import-outside-toplevel  (imports TensorFlow)
+    return folders.walk(folder)
+  return sorted(os.path.join(root, name) for root, _, names in os.walk(folder) for name in names
+                if not name.startswith('.'))
+
+
 def image_files(paths: Sequence[str]) -> list[str]:
-  """Files as given, and each folder's image files (sorted, recursively); fails on anything else."""
+  """Files as given, and each folder's image files (sorted, recursively); local or URLs; fails on anything else."""
   found = []
-  for path in paths:
-    path = os.path.expanduser(path)
-    if os.path.isdir(path):
-      found += sorted(os.path.join(root, name) for root, _, names in os.walk(path) for name in names
-                      if name.lower().endswith(EXTENSIONS))
-    elif os.path.isfile(path):
-      found.append(path)
+  for given in paths:
+    path = storage.path(given)
+    if path.is_dir():
+      found += [f for f in _folder_files(os.fspath(path)) if f.lower().endswith(EXTENSIONS)]
+    elif path.is_file():
+      found.append(os.fspath(path))
     else:
-      raise FileNotFoundError(f'{path!r} is neither an image file nor a folder.')
+      raise FileNotFoundError(f'{given!r} is neither an image file nor a folder.')
   if not found:
     raise FileNotFoundError(f'No images ({", ".join(EXTENSIONS)}) found in {list(paths)}.')
   return found
@@ -51,7 +64,7 @@ def file_images(paths: Sequence[str], num_images: int, image_size: int, mean: Se
   images = []
   for path in image_files(paths)[:num_images]:
     try:
-      with Image.open(path) as image:
+      with Image.open(io.BytesIO(storage.read_bytes(path))) as image:
         images.append(prepare(image, image_size, mean, std))
     except OSError as e:
       raise ValueError(f'Could not read {path!r} as an image: {e}') from None
