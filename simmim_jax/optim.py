@@ -128,14 +128,15 @@ def decay_mask(params, no_decay_names: Sequence[str]):
 def make_optimizer(optim: ml_collections.ConfigDict, schedule: Schedule, no_decay_names: Sequence[str],
                    peak_scales: Any = None) -> optax.GradientTransformation:
   """clip_by_global_norm(clip_grad) -> AdamW(schedule) with the decay mask (one clip of the whole
-  accumulated gradient: see the module docstring).
+  accumulated gradient: see the module docstring; clip_grad 0 or None: no clipping).
 
   peak_scales (a tree of floats like the params, from layer_decay_scales) gives each parameter the schedule
   of its layer-decay group; optax.adamw is exactly scale_by_adam -> add_decayed_weights -> -lr, so only the
   last stage changes.
   """
   mask = lambda p: decay_mask(p, no_decay_names)
-  clip = optax.clip_by_global_norm(optim.clip_grad)
+  # clip_grad 0 (or None) is no clipping, as the official `if config.TRAIN.CLIP_GRAD:` (0 would zero every step).
+  clip = optax.clip_by_global_norm(optim.clip_grad) if optim.clip_grad else optax.identity()
   if peak_scales is None:
     adamw = optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay,
                         mask=mask)

@@ -29,6 +29,9 @@ def check(config: ml_collections.ConfigDict) -> None:
     raise UserError(f'optim.warmup_steps={warmup} must be below total_steps={total}.')
   if config.optim.schedule not in SCHEDULES:
     raise UserError(f'optim.schedule={config.optim.schedule!r}: use one of {", ".join(SCHEDULES)}.')
+  clip = config.optim.get('clip_grad')
+  if clip is not None and clip < 0:
+    raise UserError(f'optim.clip_grad={clip} must be >= 0: the largest global gradient norm, 0 for no clipping.')
   ratio = config.mask.get('mask_ratio') if 'mask' in config else None
   if ratio is not None and not 0 < ratio < 1:
     raise UserError(f'mask.mask_ratio={ratio} must be in (0, 1): the fraction of the input that is masked.')

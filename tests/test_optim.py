@@ -97,6 +97,41 @@ def test_adamw_step_and_clipping_by_hand():
   np.testing.assert_allclose(new['b'], 1.0 - lr * 1.0, rtol=1e-5)
 
 
+@pytest.mark.parametrize('clip_grad', [0.0, None])
+def test_clip_grad_zero_or_none_is_no_clipping(clip_grad):
+  """The official `if config.TRAIN.CLIP_GRAD:` clips nothing at 0 (optax's clip at 0 would zero every gradient).
+  Two steps, the second gradient 10x the first: clipping at 1 changes Adam's second update, no clipping does not."""
+  o = defaults.pretrain_config().optim
+  o.update(schedule='cosine', warmup_steps=0, base_lr=512e-3, min_lr=512e-3, weight_decay=0.0)
+  schedule = optim.lr_schedule(o, total_steps=10, steps_per_epoch=1, batch_size=512)
+
+  def two_steps(clip):
+    o.clip_grad = clip
+    tx = optim.make_optimizer(o, schedule, no_decay_names=())
+    params = {'w': jnp.zeros((3,))}
+    state = tx.init(params)
+    for g in (jnp.array([0.3, 0.4, 0.0]), jnp.array([3.0, 4.0, 0.0])):  # norms 0.5, then 5: clipped to 1, m/sqrt(v) changes
+      updates, state = tx.update({'w': g}, state, params)
+      params = optax.apply_updates(params, updates)
+    return params['w']
+
+  plain = optax.adam(0.512, b1=o.b1, b2=o.b2, eps=o.eps)
+  params, state = {'w': jnp.zeros((3,))}, None
+  state = plain.init(params)
+  for g in (jnp.array([0.3, 0.4, 0.0]), jnp.array([3.0, 4.0, 0.0])):
+    updates, state = plain.update({'w': g}, state, params)
+    params = optax.apply_updates(params, updates)
+  np.testing.assert_allclose(two_steps(clip_grad), params['w'], rtol=1e-6)
+  assert not np.allclose(two_steps(1.0), params['w'], rtol=1e-3)  # the check above would see clipping
+
+
+def test_negative_clip_grad_is_refused():
+  from simmim_jax import config_io, validate  # pylint: disable=import-outside-toplevel
+  config = config_io.load_config('configs/finetune_cpu.py:scratch', ['optim.clip_grad=-1.0'])
+  with pytest.raises(UserError, match='clip_grad'):
+    validate.check(config)
+
+
 def test_warmup_fraction_follows_a_shortened_run():
   o = defaults.pretrain_config().optim
   o.update(schedule='cosine', base_lr=1e-3, warmup_lr=0.0, min_lr=0.0, warmup_fraction=50 / 600, lr_lag=0)

@@ -21,10 +21,12 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tools import torch_peer  # pylint: disable=g-import-not-at-top  (timm and torch before TensorFlow)
+import jax  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 import torch  # pylint: disable=g-import-not-at-top
 import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
@@ -63,10 +65,31 @@ def peer_model(config, kind: str, num_classes: int) -> torch.nn.Module:
                            num_classes=num_classes, global_pool='avg')
 
 
+def project_start(config, seed: int) -> tuple[torch.nn.Module, Iterator[tuple[np.ndarray, np.ndarray]]]:
+  """--paired: the project's initial weights for `seed` (encoder and head, drawn exactly as its trainer draws
+  them) in the timm model they convert to, and the project's training batches for `seed`, in its order."""
+  from simmim_jax import finetune_step, optim, sharding  # pylint: disable=import-outside-toplevel
+  from simmim_jax.data import classification  # pylint: disable=import-outside-toplevel
+  from simmim_jax.models.classifier import build_classifier  # pylint: disable=import-outside-toplevel
+  config = config_io.apply_overrides(config.copy_and_resolve_references(), [f'seed={seed}'])
+  model = build_classifier(config, classification.num_classes(config.data))
+  schedule = optim.lr_schedule(config.optim, total_steps=1, steps_per_epoch=1, batch_size=config.batch_size)
+  tx = finetune_step.make_optimizer(model, config, schedule, finetune_step.abstract_params(model, config))
+  init, _, _ = finetune_step.abstract_state(model, tx, config, sharding.make_mesh(config.mesh))
+  params = jax.tree.map(np.asarray, init().params)
+  state_dict, _ = timm_interop.to_timm(params)
+  peer = timm_interop.build(timm_interop.timm_spec(config.model.to_dict(), params))
+  peer.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()})
+  batches = classification.train_batches(config.data, image_size=config.model.image_size,
+                                         batch_size=config.batch_size, seed=seed)
+  return peer, ((b['image'], b['label']) for b in batches)
+
+
 def peer_top1(config, train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray], *, seed: int,
-              steps: int, kind: str, lr: float, weight_decay: float, warmup: int) -> float:
+              steps: int, kind: str, lr: float, weight_decay: float, warmup: int, paired: bool = False) -> float:
   """Trains the peer for `steps` batches of config.batch_size (shuffled epochs, last partial batch dropped, as
-  the project's input does) and returns its top-1 on `test`."""
+  the project's input does) and returns its top-1 on `test`. paired: from the project's initial weights and
+  on the project's batches for the seed (project_start) instead of its own draws."""
   torch.manual_seed(seed)
   mean = torch.tensor(config.data.mean).view(1, 3, 1, 1)
   std = torch.tensor(config.data.std).view(1, 3, 1, 1)
@@ -75,7 +98,11 @@ def peer_top1(config, train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarr
     return (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0 - mean) / std
 
   x, y = tensors(train[0]), torch.from_numpy(train[1])
-  model = peer_model(config, kind, int(y.max()) + 1).train()
+  if paired:
+    model, project_batches = project_start(config, seed)
+    model.train()
+  else:
+    model, project_batches = peer_model(config, kind, int(y.max()) + 1).train(), None
   decay = [p for n, p in model.named_parameters() if p.ndim > 1 and not any(s in n for s in torch_peer.NO_DECAY['vit'])]
   no_decay = [p for n, p in model.named_parameters() if not any(p is q for q in decay)]
   optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': weight_decay},
@@ -86,10 +113,15 @@ def peer_top1(config, train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarr
   generator = torch.Generator().manual_seed(seed)
   start = time.perf_counter()
   for step in range(1, steps + 1):
-    if len(order) < batch:
-      order = torch.randperm(len(x), generator=generator)
-    rows, order = order[:batch], order[batch:]
-    loss = F.cross_entropy(model(x[rows]), y[rows])
+    if project_batches is not None:
+      images, labels = next(project_batches)
+      inputs, targets = tensors(images), torch.from_numpy(labels).long()
+    else:
+      if len(order) < batch:
+        order = torch.randperm(len(x), generator=generator)
+      rows, order = order[:batch], order[batch:]
+      inputs, targets = x[rows], y[rows]
+    loss = F.cross_entropy(model(inputs), targets)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -126,6 +158,8 @@ def main() -> None:
   parser.add_argument('--peer-lr', type=float, default=1e-3)
   parser.add_argument('--peer-wd', type=float, default=0.05)
   parser.add_argument('--peer-warmup', type=int, default=25)
+  parser.add_argument('--paired', action='store_true',
+                      help="the peer starts from the project's initial weights for each seed and reads its batches")
   parser.add_argument('--no-peer', action='store_true', help='the project side only')
   parser.add_argument('--no-project', action='store_true', help='the peer side only')
   parser.add_argument('--threads', type=int, default=None, help='torch.set_num_threads for the peer')
@@ -149,12 +183,12 @@ def main() -> None:
     ours = None if args.no_project else project_top1(config, seed=seed, steps=steps)
     theirs = None if args.no_peer else peer_top1(
         config, train, test, seed=seed, steps=steps, kind=args.peer, lr=args.peer_lr,
-        weight_decay=args.peer_wd, warmup=args.peer_warmup)
+        weight_decay=args.peer_wd, warmup=args.peer_warmup, paired=args.paired)
     rows.append((seed, ours, theirs))
     print(f'seed {seed}: project {ours}  timm peer {theirs}', flush=True)
   fmt = lambda v: '   -  ' if v is None else f'{v:.4f}'  # pylint: disable=unnecessary-lambda-assignment
   print(f'\n{data.name}, {steps} steps of {config.batch_size}, {config.model.variant} {config.model.image_size}px; '
-        f'peer: timm {args.peer}, lr {args.peer_lr}, wd {args.peer_wd}, warmup {args.peer_warmup}')
+        f'peer: timm {"paired" if args.paired else args.peer}, lr {args.peer_lr}, wd {args.peer_wd}, warmup {args.peer_warmup}')
   print('seed | project | timm peer')
   for seed, ours, theirs in rows:
     print(f'{seed:4d} | {fmt(ours)}  | {fmt(theirs)}')

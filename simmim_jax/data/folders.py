@@ -27,7 +27,6 @@ EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.gif')
 _TAIL = 4096  # bytes read from each file's end: room for a JPEG's padding after its end marker
 _ORDER_SEED = 0  # the fixed permutation of the index: classes and folders mix across the process slices
 _CHECK_THREADS = 32  # the check reads two small blocks per file: bound by file-system latency, not CPU
-_LIST_THREADS = 16  # folders of a bucket listed concurrently: one request (page) each, latency-bound
 
 log = logging.getLogger(__name__)
 
@@ -66,34 +65,6 @@ def _join(folder: str, name: str) -> str:
   return os.fspath(storage.path(folder, name))
 
 
-def _entries(folder: str) -> tuple[list[str], list[str]]:
-  """(sub-folder names, file names) of one folder, hidden ones left out."""
-  if storage.is_url(folder):
-    # An object store's listing names folders with a trailing '/': one request per folder, where
-    # tf.io.gfile.walk would ask isdir of every file (one request per image).
-    names = [n for n in tf.io.gfile.listdir(folder) if not n.startswith('.')]
-    return [n.rstrip('/') for n in names if n.endswith('/')], [n for n in names if not n.endswith('/')]
-  names = [n for n in os.listdir(folder) if not n.startswith('.')]
-  subs = [n for n in names if os.path.isdir(os.path.join(folder, n))]
-  return subs, [n for n in names if n not in set(subs)]
-
-
-def walk(root: str) -> list[str]:
-  """Every file under root (recursive, following links; hidden ones left out), sorted."""
-  if not storage.is_url(root):
-    return sorted(os.path.join(d, name) for d, _, names in os.walk(root, followlinks=True)
-                  for name in names if not name.startswith('.'))
-  files, level = [], [root.rstrip('/')]
-  with concurrent.futures.ThreadPoolExecutor(_LIST_THREADS) as pool:
-    while level:  # one depth at a time, its folders listed concurrently
-      below = []
-      for folder, (subs, names) in zip(level, pool.map(_entries, level)):
-        files += [_join(folder, n) for n in names]
-        below += [_join(folder, n) for n in subs]
-      level = below
-  return sorted(files)
-
-
 def _is_image_name(path: str) -> bool:
   return path.lower().endswith(EXTENSIONS)
 
@@ -103,16 +74,16 @@ def _labelled_split(root: str, split: str) -> str | None:
   split_dir = _join(root, split)
   if not _isdir(split_dir):
     return None
-  subs, files = _entries(split_dir)
+  subs, files = storage.entries(split_dir)
   return split_dir if subs and not files else None
 
 
 def _classes(root: str) -> tuple[str, ...]:
   """Label names over every split folder of root, sorted (train and validation share one numbering)."""
   names = set()
-  for split in _entries(root)[0]:
+  for split in storage.entries(root)[0]:
     if split_dir := _labelled_split(root, split):
-      names.update(_entries(split_dir)[0])
+      names.update(storage.entries(split_dir)[0])
   return tuple(sorted(names))
 
 
@@ -121,9 +92,9 @@ def _list(spec: str) -> list[str]:
   path = storage.absolute(spec)
   if _is_glob(path):
     found = storage.glob(path)  # '**' (any depth) on local paths only
-    return [f for p in found for f in ([p] if _isfile(p) else walk(p))]
+    return [f for p in found for f in ([p] if _isfile(p) else storage.walk(p))]
   if _isdir(path):
-    return walk(path)
+    return storage.walk(path)
   if path.endswith(('.txt', '.lst')) and _isfile(path):
     base = path.rsplit('/', 1)[0] if storage.is_url(path) else os.path.dirname(path)
     lines = [line.strip() for line in storage.read_text(path).splitlines() if line.strip()]
@@ -210,15 +181,15 @@ def _find(data_dir: str, split: str) -> tuple[list[str], list[int], tuple[str, .
     if split_dir:
       classes = _classes(root)
       paths, labels = [], []
-      for label in sorted(_entries(split_dir)[0]):
+      for label in sorted(storage.entries(split_dir)[0]):
         if label in classes:
-          found = walk(_join(split_dir, label))
+          found = storage.walk(_join(split_dir, label))
           paths += found
           labels += [classes.index(label)] * len(found)
       return paths, labels, classes, f'{split_dir}/<label>/ ({len(classes)} classes)'
     if _isdir(_join(root, split)):  # root/split holds images, no label level
       root = _join(root, split)
-    paths = walk(root)
+    paths = storage.walk(root)
     return paths, [-1] * len(paths), (), f'{root} (unlabelled, recursive)'
   paths = sorted({storage.absolute(p) for spec in specs for p in _list(spec)})
   return paths, [-1] * len(paths), (), f'{len(specs)} path pattern(s) {specs[:3]} (unlabelled)'

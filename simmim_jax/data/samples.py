@@ -32,23 +32,13 @@ def prepare(image: np.ndarray | Image.Image, image_size: int, mean: Sequence[flo
   return ((np.asarray(image, np.float32) / 255.0 - np.asarray(mean)) / np.asarray(std)).astype(np.float32)
 
 
-def _folder_files(folder: str) -> list[str]:
-  """Every non-hidden file under a folder, sorted: os.walk locally (no TensorFlow), a bucket through the
-  image_folder lister (tf.io.gfile, one listing per folder)."""
-  if storage.is_url(folder):
-    from simmim_jax.data import folders  # pylint: disable=import-outside-toplevel  (imports TensorFlow)
-    return folders.walk(folder)
-  return sorted(os.path.join(root, name) for root, _, names in os.walk(folder) for name in names
-                if not name.startswith('.'))
-
-
 def image_files(paths: Sequence[str]) -> list[str]:
   """Files as given, and each folder's image files (sorted, recursively); local or URLs; fails on anything else."""
   found = []
   for given in paths:
     path = storage.path(given)
     if path.is_dir():
-      found += [f for f in _folder_files(os.fspath(path)) if f.lower().endswith(EXTENSIONS)]
+      found += [f for f in storage.walk(os.fspath(path)) if f.lower().endswith(EXTENSIONS)]
     elif path.is_file():
       found.append(os.fspath(path))
     else:
