@@ -72,7 +72,7 @@ def read_text(source: PathLike) -> str:
 def entries(folder: str) -> tuple[list[str], list[str]]:
   """(sub-folder names, file names) of one folder, hidden ones left out."""
   if is_url(folder):
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel  (only buckets need it: local listing stays light)
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel  (buckets only: local listing stays light)
     # An object store's listing names folders with a trailing '/': one request per folder, where
     # tf.io.gfile.walk would ask isdir of every file (one request per image). tf.io.gfile, not gcsfs: it is
     # the file system tf.data reads the listed files with.
