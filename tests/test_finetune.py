@@ -209,3 +209,27 @@ def test_finetune_recipe_lowers_at_the_real_per_device_batch(spec, name, size, w
   state_out, metrics = step.lower(abstract, batch).out_info
   assert metrics['loss'].shape == () and jax.tree.structure(state_out) == jax.tree.structure(abstract)
   assert abstract.params['head']['kernel'].shape[-1] == 1000 and ('fc_norm' in abstract.params) == (name == 'vit')
+
+
+def test_a_missing_evaluation_split_fails_at_set_up_not_at_the_first_evaluation(tmp_path):
+  # A labelled root without test/ used to be read as unlabelled images (train/ included) at the first evaluation,
+  # which then scored top-1 0 against labels of -1.
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  from simmim_jax.data import classification, folders  # pylint: disable=import-outside-toplevel
+  from simmim_jax.trainers import finetune  # pylint: disable=import-outside-toplevel
+  for label in ('cat', 'dog'):
+    (tmp_path / 'photos' / 'train' / label).mkdir(parents=True)
+    for i in range(8):
+      Image.fromarray(np.full((8, 8, 3), 30 * i, np.uint8)).save(tmp_path / 'photos' / 'train' / label / f'{i}.png')
+  folders.folder_index.cache_clear()
+  config = config_io.load_config('configs/finetune_cpu.py:scratch', {
+      'data.name': 'image_folder', 'data.data_dir': str(tmp_path / 'photos'), 'data.eval_split': 'test',
+      'batch_size': 8})
+  assert classification.split_examples(config.data, 'train') == 16
+  with pytest.raises(ValueError, match=r"has no test/<label>/ folders"):
+    finetune.train(config, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run' / 'checkpoints').exists()
+  (tmp_path / 'photos' / 'test' / 'cat').mkdir(parents=True)
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / 'photos' / 'test' / 'cat' / '0.png')
+  folders.folder_index.cache_clear()
+  assert classification.split_examples(config.data, 'test') == 1

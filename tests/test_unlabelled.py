@@ -6,6 +6,9 @@ import itertools
 import json
 import os
 import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
@@ -14,6 +17,7 @@ from PIL import Image
 
 from simmim_jax import config_io, defaults
 from simmim_jax.data import folders, images, sources
+from gcs_helpers import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -154,6 +158,52 @@ def test_process_slices_are_disjoint_and_never_read_other_slices(tmp_path):
     seen.update(image.tobytes() for image in batch['image'])
   expected = {np.asarray(Image.open(p).convert('RGB')).tobytes() for p in slices[1]}
   assert seen == expected
+
+
+# One process of a two-process JAX job: builds the index of argv[3] and prints it with the files it checked itself.
+_PROCESS = """
+import json, sys
+import jax
+jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
+from simmim_jax.data import folders
+checked, check = [], folders.check
+folders.check = lambda path: checked.append(path) or check(path)
+try:
+  index = folders.folder_index(sys.argv[3], 'train')
+  print(json.dumps({'paths': index.paths, 'skipped': index.skipped, 'checked': checked}))
+except FileNotFoundError as e:
+  print(json.dumps({'error': str(e)}))
+"""
+
+
+def _two_processes(roots: Sequence[str]) -> list[dict]:
+  address = f'127.0.0.1:{free_port()}'
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
+  procs = [subprocess.Popen([sys.executable, '-c', _PROCESS, address, str(i), root], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i, root in enumerate(roots)]
+  outputs = [p.communicate(timeout=300) for p in procs]
+  assert all(p.returncode == 0 for p in procs), outputs[0][1][-2000:] + outputs[1][1][-2000:]
+  return [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+
+
+def test_two_processes_share_the_check_and_hold_the_same_index(mixed):
+  folders.folder_index.cache_clear()
+  alone = folders.folder_index(mixed, 'train')
+  first, second = _two_processes([mixed, mixed])
+  for run in (first, second):
+    assert run['paths'] == list(alone.paths)
+    assert [tuple(s) for s in run['skipped']] == list(alone.skipped)
+  # Each file was checked once, by one of the two: half the reads per process.
+  assert not set(first['checked']) & set(second['checked'])
+  assert sorted(first['checked'] + second['checked']) == sorted([*alone.paths, *(p for p, _ in alone.skipped)])
+  assert len(first['checked']) == len(second['checked']) == (len(GOOD) + len(BAD)) // 2
+
+
+def test_processes_that_list_different_files_stop_with_one_message(mixed, tmp_path):
+  grown = shutil.copytree(mixed, tmp_path / 'grown')
+  Image.fromarray(_photo(20, 20, 99)).save(grown / 'new.png')
+  for run in _two_processes([mixed, str(grown)]):
+    assert 'the processes listed different files' in run['error'] and 'start the run again' in run['error']
 
 
 def _pretrain(workdir: str, data_dir: str, **kwargs):

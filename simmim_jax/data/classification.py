@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from simmim_jax.data import augment, images, sources
+from simmim_jax.data import augment, folders, images, sources
 
 _INTERPOLATIONS = ('bicubic', 'bilinear')
 
@@ -26,11 +26,7 @@ _INTERPOLATIONS = ('bicubic', 'bilinear')
 def num_classes(data: ml_collections.ConfigDict) -> int:
   """Classes of data.name's 'label' feature, from the tfds info."""
   if data.name == sources.IMAGE_FOLDER:
-    classes = sources.folder_index(data).classes
-    if not classes:
-      raise ValueError(f'{data.data_dir!r} has no <split>/<label>/ folders; fine-tuning and linear probing need '
-                       'labelled images.')
-    return len(classes)
+    return len(_labelled_index(data, data.split).classes)
   builder = sources.prepared_builder(data)
   features = builder.info.features
   label = features['label'] if 'label' in features.keys() else None
@@ -38,6 +34,25 @@ def num_classes(data: ml_collections.ConfigDict) -> int:
     raise ValueError(f'Dataset {data.name!r} has no ClassLabel feature "label"; fine-tuning and '
                      f'linear probing need labelled images.')
   return label.num_classes
+
+
+def _labelled_index(data: ml_collections.ConfigDict, split: str) -> folders.FolderIndex:
+  """The image_folder index of `split`, which must be a <split>/<label>/ folder: a root without it would be read
+  as unlabelled images (every file under it, the other splits' too), and labels of -1 score nothing."""
+  found = sources.folder_index(data, split)
+  if not found.classes:
+    raise ValueError(f'{data.data_dir!r} has no {split}/<label>/ folders; fine-tuning and linear probing need '
+                     f'labelled images of the split {split!r} (data.split, data.eval_split).')
+  return found
+
+
+def split_examples(data: ml_collections.ConfigDict, split: str) -> int:
+  """Labelled examples in `split`; fails at once where the split is missing (the trainer asks at set-up, before
+  the first evaluation would)."""
+  if data.name == sources.IMAGE_FOLDER:
+    return len(_labelled_index(data, split))
+  num_classes(data)
+  return sources.split_size(sources.prepared_builder(data), split)
 
 
 def fill_colour(data: ml_collections.ConfigDict) -> tuple[int, int, int]:
@@ -132,7 +147,7 @@ def _eval_slice(data: ml_collections.ConfigDict, split: str, index: int,
                 count: int) -> tuple[tf.data.Dataset, int, int]:
   """This process's slice of the whole split (nothing dropped), its size, and the largest slice size."""
   if data.name == sources.IMAGE_FOLDER:  # a contiguous range of the index; only those files are read
-    found = sources.folder_index(data, split)
+    found = _labelled_index(data, split)
     bounds = _slice_bounds(len(found), count)
     start, end = bounds[index]
     ds = tf.data.Dataset.from_tensor_slices((list(found.paths[start:end]) or [''], found.labels[start:end]

@@ -1,9 +1,10 @@
 """Images straight from files: a labelled `<root>/<split>/<label>/` tree, or any folder, glob or list of files.
 
-The index is built once per run and is the same on every process (sorted paths, a fixed permutation), so
-each process reads only its own slice of it. Files that cannot be images (zero bytes, an unknown format, a
-truncated JPEG/PNG, a file TensorFlow cannot decode) are left out with a count in the log, or fail the run
-when data.bad_images = 'fail'; nothing is found broken mid-run.
+The index is built once per run and is the same on every process (sorted paths, a fixed permutation, the
+check's verdicts shared: each process checks every P-th file), so each process reads only its own slice of
+it. Files that cannot be images (zero bytes, an unknown format, a truncated JPEG/PNG, a file TensorFlow
+cannot decode) are left out with a count in the log, or fail the run when data.bad_images = 'fail'; nothing
+is found broken mid-run.
 
 data_dir may be a URL (gs://bucket/photos): listing and checking go through tf.io.gfile, the file system
 tf.data's tf.io.read_file reads the images with, so what is listed is what the pipeline can open.
@@ -13,13 +14,17 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
+import hashlib
+import json
 import logging
 import os
 import struct
 from collections.abc import Sequence
 
+import jax
 import numpy as np
 import tensorflow as tf
+from jax.experimental import multihost_utils
 
 from simmim_jax import storage
 
@@ -166,9 +171,36 @@ def check(path: str) -> str | None:
   return None
 
 
-def _check_all(paths: Sequence[str]) -> list[str | None]:
+def _check_all(paths: Sequence[str], layout: str) -> list[str | None]:
+  """check() of every path. With several processes each checks every P-th file and the verdicts are gathered:
+  the start-up check of a large bucket takes 1/P of the time, and every process holds the same verdicts (a
+  transient read error on one process must not give the processes different indices to slice)."""
+  count, index = jax.process_count(), jax.process_index()
   with concurrent.futures.ThreadPoolExecutor(_CHECK_THREADS) as pool:
-    return list(pool.map(check, paths, chunksize=64))
+    mine = list(pool.map(check, paths[index::count], chunksize=64))
+  if count == 1:
+    return mine
+  return _gather_verdicts(paths, mine, count, layout)
+
+
+def _gather_verdicts(paths: Sequence[str], mine: list[str | None], count: int, layout: str) -> list[str | None]:
+  """Every process's verdicts (process k checked paths k, k + count, ...) in path order, on every process."""
+  # The reasons travel as JSON bytes padded to the longest process's: a collective moves equal-shaped arrays.
+  payload = json.dumps({j: reason for j, reason in enumerate(mine) if reason}).encode()
+  # int32 (JAX's default integer): 3 bytes of the listing's digest tell the processes' listings apart.
+  listing = int.from_bytes(hashlib.sha256('\n'.join(paths).encode()).digest()[:3], 'little')
+  heads = multihost_utils.process_allgather(np.array([len(payload), listing], np.int32)).reshape(count, 2)
+  if len(set(heads[:, 1].tolist())) > 1:
+    raise FileNotFoundError(f'the processes listed different files in {layout} (is something still adding or '
+                            'removing files there?); start the run again once the folder is complete.')
+  padded = np.zeros(int(heads[:, 0].max()), np.uint8)
+  padded[:len(payload)] = np.frombuffer(payload, np.uint8)
+  gathered = multihost_utils.process_allgather(padded).reshape(count, -1)
+  verdicts: list[str | None] = [None] * len(paths)
+  for k in range(count):
+    for j, reason in json.loads(gathered[k, :heads[k, 0]].tobytes()).items():
+      verdicts[k + count * int(j)] = reason
+  return verdicts
 
 
 def _find(data_dir: str, split: str) -> tuple[list[str], list[int], tuple[str, ...], str]:
@@ -205,7 +237,7 @@ def folder_index(data_dir: str, split: str, bad_images: str = 'skip') -> FolderI
   paths = [p for p, n in zip(found, named) if n]
   labels = [l for l, n in zip(labels, named) if n]
   ignored = len(found) - len(paths)
-  reasons = _check_all(paths)
+  reasons = _check_all(paths, layout)
   skipped = tuple((p, r) for p, r in zip(paths, reasons) if r)
   if ignored:
     print(f'image_folder: ignored {ignored} files without an image extension ({", ".join(EXTENSIONS)}) in '

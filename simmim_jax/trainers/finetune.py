@@ -27,6 +27,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | N
     raise ValueError('Fine-tuning does not accumulate gradients: set optim.accum_steps=1 and batch_size per step.')
   num_classes = config.num_classes or classification.num_classes(config.data)  # fails fast if data is missing
   steps_per_epoch = steps_per_epoch_of(sources.num_examples(config.data), config.batch_size)
+  eval_examples = classification.split_examples(config.data, config.data.eval_split)  # missing: fail now
   total_steps = resolve_steps(config, 'total', steps_per_epoch)
   eval_every = config.eval_every_steps or steps_per_epoch
   model = build_classifier(config, num_classes)
@@ -54,7 +55,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | N
   num_params = sum(math.prod(p.shape) for p in jax.tree.leaves(abstract.params))
   log(f'{config.task} {config.model.name} {config.model.variant}: {num_params / 1e6:.2f}M parameters, '
       f'{num_classes} classes; mesh {dict(mesh.shape)}; {total_steps} steps of {config.batch_size} images '
-      f'({steps_per_epoch} per epoch); evaluation every {eval_every} steps on {config.data.eval_split}.')
+      f'({steps_per_epoch} per epoch); evaluation every {eval_every} steps on {config.data.eval_split} ({eval_examples} examples).')
   if run.nothing_to_do():
     return {}
   best = checkpoint.Checkpointer(workdir, config.checkpoint, subdir='best', keep=1)
