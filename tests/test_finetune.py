@@ -226,10 +226,16 @@ def test_a_missing_evaluation_split_fails_at_set_up_not_at_the_first_evaluation(
       'data.name': 'image_folder', 'data.data_dir': str(tmp_path / 'photos'), 'data.eval_split': 'test',
       'batch_size': 8})
   assert classification.split_examples(config.data, 'train') == 16
-  with pytest.raises(ValueError, match=r"has no test/<label>/ folders"):
+  with pytest.raises(ValueError, match=r"has split folders train but no 'test'"):
     finetune.train(config, str(tmp_path / 'run'))
   assert not (tmp_path / 'run' / 'checkpoints').exists()
-  (tmp_path / 'photos' / 'test' / 'cat').mkdir(parents=True)
+  (tmp_path / 'photos' / 'test').mkdir()  # there, but without a label level: no labels to score
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / 'photos' / 'test' / 'unlabelled.png')
+  folders.folder_index.cache_clear()
+  with pytest.raises(ValueError, match=r"has no test/<label>/ folders"):
+    finetune.train(config, str(tmp_path / 'run'))
+  (tmp_path / 'photos' / 'test' / 'unlabelled.png').unlink()
+  (tmp_path / 'photos' / 'test' / 'cat').mkdir()
   Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / 'photos' / 'test' / 'cat' / '0.png')
   folders.folder_index.cache_clear()
   assert classification.split_examples(config.data, 'test') == 1

@@ -130,6 +130,9 @@ def test_layouts_labelled_root_split_glob_and_lists(tmp_path, mixed):
   train = sources.folder_index(_data(str(tmp_path / 'labelled')))
   assert train.classes == ('cat', 'dog', 'eel') and sorted(train.labels) == [0, 0, 0, 1, 1]
   assert sorted(sources.folder_index(_data(str(tmp_path / 'labelled'), split='val')).labels) == [0, 2]
+  # A split that is not there: one line naming those that are (reading the whole root would mix train and val).
+  with pytest.raises(sources.DatasetNotFoundError, match=r"split folders train, val but no 'test'"):
+    sources.folder_index(_data(str(tmp_path / 'labelled'), split='test'))
   # root/<split> holding images directly: unlabelled images of that folder only.
   shutil.copytree(os.path.join(mixed, 'c'), tmp_path / 'plain' / 'train')
   shutil.copytree(os.path.join(mixed, 'a'), tmp_path / 'plain' / 'other')

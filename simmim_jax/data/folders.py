@@ -29,6 +29,7 @@ from jax.experimental import multihost_utils
 from simmim_jax import storage
 
 EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.gif')
+SPLIT_NAMES = ('train', 'training', 'val', 'validation', 'valid', 'eval', 'test')  # a root holding these is split
 _TAIL = 4096  # bytes read from each file's end: room for a JPEG's padding after its end marker
 _ORDER_SEED = 0  # the fixed permutation of the index: classes and folders mix across the process slices
 _CHECK_THREADS = 32  # the check reads two small blocks per file: bound by file-system latency, not CPU
@@ -221,6 +222,10 @@ def _find(data_dir: str, split: str) -> tuple[list[str], list[int], tuple[str, .
       return paths, labels, classes, f'{split_dir}/<label>/ ({len(classes)} classes)'
     if _isdir(_join(root, split)):  # root/split holds images, no label level
       root = _join(root, split)
+    elif splits := sorted(set(storage.entries(root)[0]) & set(SPLIT_NAMES)):
+      # Reading the whole root would mix the splits (test images in training): ask for one of them.
+      raise FileNotFoundError(f'{root} has split folders {", ".join(splits)} but no {split!r}: set data.split '
+                              '(data.eval_split for evaluation) to one of them, or data_dir to the folder to read.')
     paths = storage.walk(root)
     return paths, [-1] * len(paths), (), f'{root} (unlabelled, recursive)'
   paths = sorted({storage.absolute(p) for spec in specs for p in _list(spec)})
