@@ -3,6 +3,7 @@ range, the finite check, saving on schedule / at the end / on preemption, and co
 still reads top to bottom."""
 import itertools
 import logging
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -39,6 +40,23 @@ def changed_fields(saved: dict[str, Any], requested: dict[str, Any]) -> dict[str
           if np.asarray(a.get(k), object).tolist() != np.asarray(b.get(k), object).tolist()}
 
 
+def _quiet_closed_loop_callbacks() -> None:
+  """Wraps sys.unraisablehook (once) to drop 'Event loop is closed': when a save fails (disk full), the
+  callbacks of its other writes find Orbax's event loop gone, and tensorstore reports each as unraisable:
+  hundreds of tracebacks before the run's one-line message, which says all there is."""
+  hook = sys.unraisablehook
+  if getattr(hook, 'quiets_closed_loop', False):
+    return
+
+  def unraisablehook(unraisable: Any) -> None:
+    value = unraisable.exc_value
+    if not (isinstance(value, RuntimeError) and str(value) == 'Event loop is closed'):
+      hook(unraisable)
+
+  unraisablehook.quiets_closed_loop = True
+  sys.unraisablehook = unraisablehook
+
+
 class Run:
   """One call of a trainer on a workdir: the steps it runs (start + 1 .. end) and the checkpoints it keeps."""
 
@@ -46,6 +64,7 @@ class Run:
     """max_steps limits this call to that many more steps (a time-limited job or a notebook session)."""
     self.workdir, self.config, self.total_steps, self.max_steps = workdir, config, total_steps, max_steps
     self.ckpt = checkpoint.Checkpointer(workdir, config.checkpoint)
+    _quiet_closed_loop_callbacks()
     self.ckpt.remove_partial_saves()  # what a killed save left behind; never a committed step
     self.set_start(self.ckpt.latest_step() or 0)
     self.guard = preemption.SignalGuard()  # the trainer's loop runs inside `with run.guard:`
