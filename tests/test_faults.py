@@ -104,6 +104,7 @@ def test_an_unreadable_latest_step_falls_back_to_the_previous_one(tmp_path, data
   assert steps(tmp_path / 'w') == [2, 4, 5]
 
 
+@pytest.mark.slow  # the bad-input table (slow too) refuses the same change; this one also checks a longer run
 def test_resuming_a_different_model_is_refused_and_changes_nothing(tmp_path, data_dir):
   flags = [f'--config.data.data_dir={data_dir}', '--config.total_steps=2']
   assert run(tmp_path / 'w', *flags).returncode == 0
