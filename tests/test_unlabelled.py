@@ -183,7 +183,8 @@ def _two_processes(roots: Sequence[str]) -> list[dict]:
   address = f'127.0.0.1:{free_port()}'
   env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
   procs = [subprocess.Popen([sys.executable, '-c', _PROCESS, address, str(i), root], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i, root in enumerate(roots)]
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i, root in enumerate(roots)]
   outputs = [p.communicate(timeout=300) for p in procs]
   assert all(p.returncode == 0 for p in procs), outputs[0][1][-2000:] + outputs[1][1][-2000:]
   return [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]

@@ -55,7 +55,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | N
   num_params = sum(math.prod(p.shape) for p in jax.tree.leaves(abstract.params))
   log(f'{config.task} {config.model.name} {config.model.variant}: {num_params / 1e6:.2f}M parameters, '
       f'{num_classes} classes; mesh {dict(mesh.shape)}; {total_steps} steps of {config.batch_size} images '
-      f'({steps_per_epoch} per epoch); evaluation every {eval_every} steps on {config.data.eval_split} ({eval_examples} examples).')
+      f'({steps_per_epoch} per epoch); evaluation every {eval_every} steps on {config.data.eval_split} '
+      f'({eval_examples} examples).')
   if run.nothing_to_do():
     return {}
   best = checkpoint.Checkpointer(workdir, config.checkpoint, subdir='best', keep=1)
