@@ -6,7 +6,6 @@ otherwise (EPATH_USE_TF=false forces gcsfs). Object stores have no append and no
 here replace whole files: an object upload is atomic by itself, a local file goes through a temporary
 file and os.replace, so a reader never sees half a file under the final name.
 """
-import concurrent.futures
 import glob as globlib
 import os
 import uuid
@@ -14,7 +13,6 @@ import uuid
 from etils import epath
 
 PathLike = str | os.PathLike
-_LIST_THREADS = 16  # folders of a bucket listed concurrently: one request (page) each, latency-bound
 
 
 def is_url(path: PathLike) -> bool:
@@ -67,34 +65,3 @@ def read_bytes(source: PathLike) -> bytes:
 
 def read_text(source: PathLike) -> str:
   return path(source).read_text(encoding='utf-8')
-
-
-def entries(folder: str) -> tuple[list[str], list[str]]:
-  """(sub-folder names, file names) of one folder, hidden ones left out."""
-  if is_url(folder):
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel  (buckets only: local listing stays light)
-    # An object store's listing names folders with a trailing '/': one request per folder, where
-    # tf.io.gfile.walk would ask isdir of every file (one request per image). tf.io.gfile, not gcsfs: it is
-    # the file system tf.data reads the listed files with.
-    names = [n for n in tf.io.gfile.listdir(folder) if not n.startswith('.')]
-    return [n.rstrip('/') for n in names if n.endswith('/')], [n for n in names if not n.endswith('/')]
-  names = [n for n in os.listdir(folder) if not n.startswith('.')]
-  subs = [n for n in names if os.path.isdir(os.path.join(folder, n))]
-  return subs, [n for n in names if n not in set(subs)]
-
-
-def walk(root: str) -> list[str]:
-  """Every file under root (recursive, following links; hidden ones left out), sorted; local or a URL."""
-  if not is_url(root):
-    return sorted(os.path.join(d, name) for d, _, names in os.walk(root, followlinks=True)
-                  for name in names if not name.startswith('.'))
-  join = lambda folder, name: os.fspath(path(folder, name))  # pylint: disable=unnecessary-lambda-assignment
-  files, level = [], [root.rstrip('/')]
-  with concurrent.futures.ThreadPoolExecutor(_LIST_THREADS) as pool:
-    while level:  # one depth at a time, its folders listed concurrently
-      below = []
-      for folder, (subs, names) in zip(level, pool.map(entries, level)):
-        files += [join(folder, n) for n in names]
-        below += [join(folder, n) for n in subs]
-      level = below
-  return sorted(files)

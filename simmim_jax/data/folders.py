@@ -27,6 +27,7 @@ import tensorflow as tf
 from jax.experimental import multihost_utils
 
 from simmim_jax import storage
+from simmim_jax.data import listing
 
 EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.gif')
 SPLIT_NAMES = ('train', 'training', 'val', 'validation', 'valid', 'eval', 'test')  # a root holding these is split
@@ -80,16 +81,16 @@ def _labelled_split(root: str, split: str) -> str | None:
   split_dir = _join(root, split)
   if not _isdir(split_dir):
     return None
-  subs, files = storage.entries(split_dir)
+  subs, files = listing.entries(split_dir)
   return split_dir if subs and not files else None
 
 
 def _classes(root: str) -> tuple[str, ...]:
   """Label names over every split folder of root, sorted (train and validation share one numbering)."""
   names = set()
-  for split in storage.entries(root)[0]:
+  for split in listing.entries(root)[0]:
     if split_dir := _labelled_split(root, split):
-      names.update(storage.entries(split_dir)[0])
+      names.update(listing.entries(split_dir)[0])
   return tuple(sorted(names))
 
 
@@ -98,9 +99,9 @@ def _list(spec: str) -> list[str]:
   path = storage.absolute(spec)
   if _is_glob(path):
     found = storage.glob(path)  # '**' (any depth) on local paths only
-    return [f for p in found for f in ([p] if _isfile(p) else storage.walk(p))]
+    return [f for p in found for f in ([p] if _isfile(p) else listing.walk(p))]
   if _isdir(path):
-    return storage.walk(path)
+    return listing.walk(path)
   if path.endswith(('.txt', '.lst')) and _isfile(path):
     base = path.rsplit('/', 1)[0] if storage.is_url(path) else os.path.dirname(path)
     lines = [line.strip() for line in storage.read_text(path).splitlines() if line.strip()]
@@ -214,19 +215,19 @@ def _find(data_dir: str, split: str) -> tuple[list[str], list[int], tuple[str, .
     if split_dir:
       classes = _classes(root)
       paths, labels = [], []
-      for label in sorted(storage.entries(split_dir)[0]):
+      for label in sorted(listing.entries(split_dir)[0]):
         if label in classes:
-          found = storage.walk(_join(split_dir, label))
+          found = listing.walk(_join(split_dir, label))
           paths += found
           labels += [classes.index(label)] * len(found)
       return paths, labels, classes, f'{split_dir}/<label>/ ({len(classes)} classes)'
     if _isdir(_join(root, split)):  # root/split holds images, no label level
       root = _join(root, split)
-    elif splits := sorted(set(storage.entries(root)[0]) & set(SPLIT_NAMES)):
+    elif splits := sorted(set(listing.entries(root)[0]) & set(SPLIT_NAMES)):
       # Reading the whole root would mix the splits (test images in training): ask for one of them.
       raise FileNotFoundError(f'{root} has split folders {", ".join(splits)} but no {split!r}: set data.split '
                               '(data.eval_split for evaluation) to one of them, or data_dir to the folder to read.')
-    paths = storage.walk(root)
+    paths = listing.walk(root)
     return paths, [-1] * len(paths), (), f'{root} (unlabelled, recursive)'
   paths = sorted({storage.absolute(p) for spec in specs for p in _list(spec)})
   return paths, [-1] * len(paths), (), f'{len(specs)} path pattern(s) {specs[:3]} (unlabelled)'

@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from simmim_jax import storage
+from simmim_jax.data import listing
 
 EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp', '.tif', '.tiff')
 
@@ -38,7 +39,7 @@ def image_files(paths: Sequence[str]) -> list[str]:
   for given in paths:
     path = storage.path(given)
     if path.is_dir():
-      found += [f for f in storage.walk(os.fspath(path)) if f.lower().endswith(EXTENSIONS)]
+      found += [f for f in listing.walk(os.fspath(path)) if f.lower().endswith(EXTENSIONS)]
     elif path.is_file():
       found.append(os.fspath(path))
     else:
