@@ -6,6 +6,7 @@ No TensorFlow: the batches are ShapeDtypeStructs (tasks' batch_spec). tools/aot_
 """
 import dataclasses
 import math
+import os
 import re
 import time
 from collections.abc import Sequence
@@ -112,7 +113,8 @@ def tpu_target(name: str, slices: int = 1) -> Target:
 
 
 # GPUs compile without a GPU through JAX's CUDA plugin given a target description (XLA's GpuTargetConfigProto):
-# written here from NVIDIA's datasheets (SXM parts); memory is what nvidia-smi reports (81,559 / 143,771 MiB).
+# written here from NVIDIA's datasheets (SXM parts); memory is what nvidia-smi reports (81,559 / 143,771 MiB), of
+# which a program gets XLA_PYTHON_CLIENT_MEM_FRACTION (JAX's default 0.75).
 GPU_SPECS = {
     'h100': {'name': 'NVIDIA H100 80GB HBM3', 'memory': 81_559 * 2**20, 'bandwidth': 3.35e12, 'sms': 132},
     'h200': {'name': 'NVIDIA H200', 'memory': 143_771 * 2**20, 'bandwidth': 4.8e12, 'sms': 132},
@@ -145,8 +147,10 @@ def gpu_target(name: str) -> Target:
     raise TargetError("Compiling for a GPU without one needs JAX's CUDA plugin: pip install 'jax-cuda12-plugin[with-"
                       "cuda]' (or '.[cuda12]') beside this jax, best in its own environment; it says: "
                       f'{str(e).splitlines()[0]}') from None
+  # JAX's allocator takes this share of a GPU's memory at start-up and every buffer comes from it.
+  fraction = float(os.environ.get('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.75'))
   return Target(name, f'{kind}x{per_host}' + (f'x{hosts}h' if hosts > 1 else ''), kind, 1, tuple(devices),
-                spec['memory'])
+                int(spec['memory'] * fraction))
 
 
 def target(name: str, slices: int = 1) -> Target:
@@ -217,8 +221,8 @@ def finetune_program(config: ml_collections.ConfigDict, devices: Sequence[Any],
   _, abstract, shardings = finetune_step.abstract_state(model, tx, config, mesh)
   b, size, chans = config.batch_size, config.model.image_size, config.model.in_chans
   images = jax.ShapeDtypeStruct((b, size, size, chans), jnp.float32)
-  forward = flops.forward_flops(lambda p, x: model.apply({'params': p, 'batch_stats': abstract.batch_stats}, x),
-                                abstract.params, images)
+  forward = flops.forward_flops(lambda p, s, x: model.apply({'params': p, 'batch_stats': s}, x),
+                                abstract.params, abstract.batch_stats, images)
   # A probe's frozen encoder runs forward only; fine-tuning is forward + backward (3x).
   model_flops = forward if model.frozen else flops.train_flops(forward)
   batch_sharding = sharding.batch_sharding(mesh)
@@ -254,7 +258,7 @@ def compile_step(config: ml_collections.ConfigDict, target: Target, step: str, n
   program.temp, program.alias = m.temp_size_in_bytes, m.alias_size_in_bytes
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # older JAX: one dict per computation
-  program.xla_flops = float(cost.get('flops', 0.0))
+  program.xla_flops = float((cost or {}).get('flops', 0.0))  # the CUDA compiler without a GPU gives no count
   program.collectives = collectives(compiled.as_text())
   return program
 

@@ -61,12 +61,12 @@ def test_lock_pins_every_dependency_inside_its_range():
 
 def test_jax_is_never_capped_so_an_accelerator_keeps_its_own():
   # An upper bound (or a pin) would make `pip install -e '.[gpu]'` downgrade a newer JAX and its plugin.
-  jax_reqs = [r for g in (None, 'gpu', 'cuda12', 'tpu') for r in requirements(g) if r.name in ('jax', 'jaxlib')]
+  jax_reqs = [r for g in (None, 'gpu', 'cuda12', 'tpu', 'aot') for r in requirements(g) if r.name in ('jax', 'jaxlib')]
   assert {r.name for r in jax_reqs} == {'jax'}  # jaxlib comes with jax, at jax's own matching version
   for r in jax_reqs:
     assert all(s.operator == '>=' for s in r.specifier), r
   assert requirements('gpu')[0].extras == {'cuda13'} and requirements('cuda12')[0].extras == {'cuda12'}
-  assert requirements('tpu')[0].extras == {'tpu'}
+  assert requirements('tpu')[0].extras == requirements('aot')[0].extras == {'tpu'}
 
 
 def test_tensorflow_is_a_cpu_build_on_every_platform():
@@ -81,7 +81,7 @@ def test_tensorflow_is_a_cpu_build_on_every_platform():
 def test_ci_installs_the_lock():
   with open(os.path.join(ROOT, '.ci', 'run'), encoding='utf-8') as f:
     ci = f.read()
-  assert "-c constraints.txt -e '.[test,interop]'" in ci
+  assert f"-c constraints.txt -e '.[{lock_constraints.EXTRAS}]'" in ci
 
 
 def test_this_environment_has_the_locked_versions():
@@ -101,7 +101,7 @@ def test_this_environment_has_the_locked_versions():
 
 @pytest.mark.slow
 def test_the_lock_installs_exactly_the_pinned_set():
-  pins, _ = lock_constraints.dry_run(['-e', '.[test,interop]'], constraints=[lock_constraints.LOCK])
+  pins, _ = lock_constraints.dry_run(['-e', f'.[{lock_constraints.EXTRAS}]'], constraints=[lock_constraints.LOCK])
   pins.pop(lock_constraints.PROJECT)
   lock = lock_constraints.read_lock()
   assert pins == lock, {n: (pins.get(n), lock.get(n)) for n in set(pins) | set(lock) if pins.get(n) != lock.get(n)}

@@ -34,7 +34,8 @@ import sys
 # libtpu looks for the TPU VM it runs on; compiling for a named topology needs none of that, so tell it (else it
 # prints a screen of warnings). Set before JAX loads libtpu.
 for _key, _value in {'JAX_PLATFORMS': 'cpu', 'TPU_SKIP_MDS_QUERY': '1', 'TPU_WORKER_ID': '0',
-                     'TPU_WORKER_HOSTNAMES': 'localhost', 'TPU_ACCELERATOR_TYPE': 'v4-8'}.items():
+                     'TPU_WORKER_HOSTNAMES': 'localhost', 'TPU_ACCELERATOR_TYPE': 'v4-8',
+                     'ALLOW_MULTIPLE_LIBTPU_LOAD': '1'}.items():  # two compiles at once do not lock each other out
   os.environ.setdefault(_key, _value)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -63,6 +64,12 @@ def per_example(p: aot.Program, flops: float, devices: int) -> float:
   return flops * devices / max(p.per_device_batch * devices, 1)
 
 
+def xla_text(p: aot.Program, devices: int) -> str:
+  if not p.xla_flops:
+    return 'XLA FLOPs n/a (no count from this compiler)'
+  return f'XLA {p.xla_flops:.3e} FLOP/device = {per_example(p, p.xla_flops, devices) / 1e9:.1f} GFLOP/example'
+
+
 def line(name: str, target: aot.Target, p: aot.Program) -> str:
   """One (config, topology, step) as one line."""
   n = len(target.devices)
@@ -72,10 +79,9 @@ def line(name: str, target: aot.Target, p: aot.Program) -> str:
           f'remat {p.remat} | ')
   if p.refused:
     return head + f'{verdict(p)} | compile {p.compile_s:.0f}s'
-  xla = f'{per_example(p, p.xla_flops, n) / 1e9:.1f}' if p.xla_flops else 'n/a'
   return head + (f'args {gib(p.arguments)} out {gib(p.outputs)} temp {gib(p.temp)} alias {gib(p.alias)} -> '
-                 f'{gib(p.total)} of {gib(p.hbm_bytes)} GiB: {verdict(p)} | XLA {p.xla_flops:.3e} FLOP/device = '
-                 f'{xla} GFLOP/example, flops.py {per_example(p, p.model_flops, n) / 1e9:.1f} | '
+                 f'{gib(p.total)} of {gib(p.hbm_bytes)} GiB: {verdict(p)} | {xla_text(p, n)}, '
+                 f'flops.py {per_example(p, p.model_flops, n) / 1e9:.1f} | '
                  f'{collectives_text(p)} | compile {p.compile_s:.0f}s')
 
 

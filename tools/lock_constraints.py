@@ -1,4 +1,4 @@
-"""Writes constraints.txt: the exact package set that `pip install -e '.[test,interop]'` resolves here (the lock CI uses).
+"""Writes constraints.txt: the exact package set that `pip install -e '.[test,interop,aot]'` resolves here (the lock CI uses).
 
   python tools/lock_constraints.py                        # resolve again, keeping the current lock's versions
   python tools/lock_constraints.py --constraint /dev/null # resolve afresh: newest releases in pyproject's ranges
@@ -18,6 +18,7 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOCK = os.path.join(ROOT, 'constraints.txt')
 PROJECT = 'simmim-jax'
+EXTRAS = 'test,interop,aot'  # what CI installs (.ci/run)
 
 
 def normalize(name: str) -> str:
@@ -66,10 +67,10 @@ def main() -> None:
   parser.add_argument('--out', default=LOCK)
   args = parser.parse_args()
   constraints = [args.constraint] if os.path.exists(args.constraint) else []
-  pins, _ = dry_run(['-e', '.[test,interop]'], constraints=constraints)
+  pins, _ = dry_run(['-e', f'.[{EXTRAS}]'], constraints=constraints)
   pins.pop(PROJECT, None)
   header = [
-      '# The exact set CI installs and tests: pip install -c constraints.txt -e \'.[test,interop]\'',
+      f"# The exact set CI installs and tests: pip install -c constraints.txt -e '.[{EXTRAS}]'",
       f'# Python {sys.version_info.major}.{sys.version_info.minor} on x86-64 Linux; written by '
       'tools/lock_constraints.py from pyproject.toml\'s ranges.',
       '# The base install (pip install -c constraints.txt -e .) takes the subset it needs.',
