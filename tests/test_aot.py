@@ -98,9 +98,7 @@ def test_does_not_fit_reads_its_numbers(v5e):
 
 
 def aot_line(name, target, program) -> str:
-  sys.path.insert(0, os.path.join(ROOT, 'tools'))
-  import aot_check  # pylint: disable=import-outside-toplevel
-  return aot_check.line(name, target, program)
+  return aot_check_module().line(name, target, program)
 
 
 def test_find_batch_fits_and_the_next_does_not(v5e):
@@ -175,3 +173,21 @@ def test_colab_notebook_tpu_profile_fits(topology):
   target = aot.tpu_target(topology)
   p = aot.compile_step(base_config(**notebook_profile('tpu')), target, 'pretrain')
   assert p.fits, p
+
+
+def test_plan_grid_names_the_chosen_way_per_target():
+  v5e, v4 = aot.tpu_target('v5e:2x2'), aot.tpu_target('v4-8')
+  program = lambda remat, accum, temp, refused='': aot.Program('pretrain', 128, {'data': 4, 'fsdp': 1}, remat, accum,
+                                                               1.0, 16 * 2**30, 2**30, 2**30, temp, 2**30,
+                                                               refused=refused)
+  rows = [('a.py', v5e, program('none', 1, 0, refused='RESOURCE_EXHAUSTED: ...')),  # tried first, refused
+          ('a.py', v5e, program('none', 2, 10 * 2**30)), ('a.py', v4, program('none', 1, 40 * 2**30))]
+  grid = aot_check_module().plan_grid(rows, [v5e.label, v4.label, 'v6e-8']).splitlines()
+  assert grid[2] == ('| a.py | pretrain | fits: 128/device, remat none, accum 2; 11.00 / 16.00 GiB | '
+                     'DOES NOT FIT (up to remat none, accum 1) | not compiled |')
+
+
+def aot_check_module():
+  sys.path.insert(0, os.path.join(ROOT, 'tools'))
+  import aot_check  # pylint: disable=import-outside-toplevel
+  return aot_check

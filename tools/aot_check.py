@@ -103,6 +103,28 @@ def markdown_row(name: str, target: aot.Target, p: aot.Program) -> str:
           f'{collectives_text(p)} | {p.compile_s:.0f} s |')
 
 
+def plan_cell(p: aot.Program | None) -> str:
+  """How a --plan ended on one target: the first (remat, accumulation) that fits, or that none did."""
+  if p is None:
+    return 'not compiled'
+  if not p.fits:
+    return f'DOES NOT FIT (up to remat {p.remat}, accum {p.accum_steps})'
+  how = f'{p.per_device_batch}/device, remat {p.remat}, accum {p.accum_steps}'
+  return f'fits: {how}; {gib(p.total)} / {gib(p.hbm_bytes)} GiB'
+
+
+def plan_grid(rows: list, labels: list[str]) -> str:
+  """--plan --markdown: one row per (config, step), one column per target, each cell the plan's outcome."""
+  last: dict[tuple[str, str, str], aot.Program] = {}
+  for name, target, p in rows:  # a plan's programs in the order tried: the last is the chosen one, if it fits
+    last[(name, p.step, target.label)] = p
+  keys = list(dict.fromkeys((name, p.step) for name, _, p in rows))
+  out = ['| config | step | ' + ' | '.join(labels) + ' |', '|---|---|' + '---|' * len(labels)]
+  for name, step in keys:
+    out.append(f'| {name} | {step} | ' + ' | '.join(plan_cell(last.get((name, step, l))) for l in labels) + ' |')
+  return '\n'.join(out)
+
+
 class Cache:
   """Compile figures by (config, target, step), as JSON lines in a file; nothing when path is empty."""
 
@@ -177,6 +199,8 @@ def main() -> None:
     print('\n' + MARKDOWN_HEAD)
     for row in rows:
       print(markdown_row(*row))
+    if args.plan:
+      print('\n' + plan_grid(rows, [t.label for t in targets]))
 
 
 def _programs(config, devices: int, compile_fn, step: str, args, remats) -> list[aot.Program]:
