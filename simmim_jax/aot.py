@@ -258,7 +258,9 @@ def compile_step(config: ml_collections.ConfigDict, target: Target, step: str, n
   program.temp, program.alias = m.temp_size_in_bytes, m.alias_size_in_bytes
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # older JAX: one dict per computation
-  program.xla_flops = float((cost or {}).get('flops', 0.0))  # the CUDA compiler without a GPU gives no count
+  # XLA counts a loop's body once: with accumulation the step runs its micro-batch body accum times. The CUDA
+  # compiler without a GPU gives no count at all.
+  program.xla_flops = float((cost or {}).get('flops', 0.0)) * accum
   program.collectives = collectives(compiled.as_text())
   return program
 
