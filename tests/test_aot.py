@@ -126,13 +126,13 @@ def test_multislice_mesh_keeps_fsdp_inside_a_slice():
 
 def test_tool_prints_one_line_per_step_and_a_table():
   out = subprocess.run([sys.executable, os.path.join(ROOT, 'tools/aot_check.py'), '--config', 'configs/base.py',
-                        '--config', 'configs/finetune_cpu.py', '--topology', 'v5e:2x2', '--markdown'],
+                        '--config', 'configs/linear_probe_cpu.py', '--topology', 'v5e:2x2', '--markdown'],
                        cwd=ROOT, capture_output=True, text=True, timeout=900)
   assert out.returncode == 0, out.stderr[-2000:]
   lines = [l for l in out.stdout.splitlines() if not l.startswith('|')]
   rows = [l for l in out.stdout.splitlines() if l.startswith('|')]
   assert sum(l.startswith('base.py pretrain | v5e-4 ') and 'FITS' in l for l in lines) == 1
-  assert sum(l.startswith('finetune_cpu.py finetune | v5e-4 ') and 'FITS' in l for l in lines) == 1
+  assert sum(l.startswith('linear_probe_cpu.py finetune | v5e-4 ') and 'FITS' in l for l in lines) == 1
   assert sum(l.startswith('| base.py | pretrain | v5e-4 |') for l in rows) == 1
   assert 'could not determine' not in out.stderr  # libtpu told it needs no TPU VM
 
