@@ -271,8 +271,8 @@ _SHAPE = re.compile(r'\b(' + '|'.join(_DTYPE_BYTES) + r')\[([\d,]*)\]')
 _OP = re.compile(r'=\s*(.*?)\s+(' + '|'.join(COLLECTIVES) + r')(-start)?\(')
 
 
-def _shape_bytes(text: str) -> list[int]:
-  return [_DTYPE_BYTES[d] * math.prod(int(x) for x in dims.split(',') if x) for d, dims in _SHAPE.findall(text)]
+def _shape_bytes(shapes: list[tuple[str, str]]) -> list[int]:
+  return [_DTYPE_BYTES[d] * math.prod(int(x) for x in dims.split(',') if x) for d, dims in shapes]
 
 
 def collectives(hlo: str) -> dict[str, tuple[int, int]]:
@@ -284,11 +284,12 @@ def collectives(hlo: str) -> dict[str, tuple[int, int]]:
     match = _OP.search(line)
     if not match:
       continue
-    sizes = _shape_bytes(match.group(1))
+    shapes = _SHAPE.findall(match.group(1))
     if match.group(3) and match.group(2) != 'all-reduce':
       # An async start's shape is (operands..., results...[, u32[] contexts of a permute]): keep the results.
-      sizes = [n for n, dims in zip(sizes, _SHAPE.findall(match.group(1))) if dims[1]]
-      sizes = sizes[len(sizes) // 2:]
+      shapes = [shape for shape in shapes if shape[1]]
+      shapes = shapes[len(shapes) // 2:]
+    sizes = _shape_bytes(shapes)
     count, total = found.get(match.group(2), [0, 0])
     found[match.group(2)] = [count + 1, total + sum(sizes)]
   return {k: (c, b) for k, (c, b) in found.items()}

@@ -60,14 +60,15 @@ def collectives_text(p: aot.Program) -> str:
   return ', '.join(f'{op} {n} x {b / 2**20:,.1f} MiB' for op, (n, b) in sorted(p.collectives.items())) or 'none'
 
 
-def per_example(p: aot.Program, flops: float, devices: int) -> float:
-  return flops * devices / max(p.per_device_batch * devices, 1)
+def gflop_per_example(p: aot.Program, flops_per_device: float) -> str:
+  """Per-device FLOPs over the per-device batch, in GFLOP; 'n/a' where the compiler gave no count."""
+  return f'{flops_per_device / max(p.per_device_batch, 1) / 1e9:.1f}' if flops_per_device else 'n/a'
 
 
-def xla_text(p: aot.Program, devices: int) -> str:
+def xla_text(p: aot.Program) -> str:
   if not p.xla_flops:
     return 'XLA FLOPs n/a (no count from this compiler)'
-  return f'XLA {p.xla_flops:.3e} FLOP/device = {per_example(p, p.xla_flops, devices) / 1e9:.1f} GFLOP/example'
+  return f'XLA {p.xla_flops:.3e} FLOP/device = {gflop_per_example(p, p.xla_flops)} GFLOP/example'
 
 
 def line(name: str, target: aot.Target, p: aot.Program) -> str:
@@ -80,8 +81,8 @@ def line(name: str, target: aot.Target, p: aot.Program) -> str:
   if p.refused:
     return head + f'{verdict(p)} | compile {p.compile_s:.0f}s'
   return head + (f'args {gib(p.arguments)} out {gib(p.outputs)} temp {gib(p.temp)} alias {gib(p.alias)} -> '
-                 f'{gib(p.total)} of {gib(p.hbm_bytes)} GiB: {verdict(p)} | {xla_text(p, n)}, '
-                 f'flops.py {per_example(p, p.model_flops, n) / 1e9:.1f} | '
+                 f'{gib(p.total)} of {gib(p.hbm_bytes)} GiB: {verdict(p)} | {xla_text(p)}, '
+                 f'flops.py {gflop_per_example(p, p.model_flops)} | '
                  f'{collectives_text(p)} | compile {p.compile_s:.0f}s')
 
 
@@ -96,10 +97,10 @@ def markdown_row(name: str, target: aot.Target, p: aot.Program) -> str:
   if p.refused:
     return (f'| {name} | {p.step} | {target.label} | {p.per_device_batch * n} ({p.per_device_batch}) | {mesh} | '
             f'{p.remat} | {p.accum_steps} | | | | {verdict(p)} | | | {p.compile_s:.0f} s |')
-  xla = f'{per_example(p, p.xla_flops, n) / 1e9:.1f}' if p.xla_flops else 'n/a'
   return (f'| {name} | {p.step} | {target.label} | {p.per_device_batch * n} ({p.per_device_batch}) | {mesh} | '
           f'{p.remat} | {p.accum_steps} | {gib(p.arguments)} | {gib(p.temp)} | {gib(p.total)} / {gib(p.hbm_bytes)} | '
-          f'{"FITS" if p.fits else "DOES NOT FIT"} | {xla} / {per_example(p, p.model_flops, n) / 1e9:.1f} | '
+          f'{"FITS" if p.fits else "DOES NOT FIT"} | {gflop_per_example(p, p.xla_flops)} / '
+          f'{gflop_per_example(p, p.model_flops)} | '
           f'{collectives_text(p)} | {p.compile_s:.0f} s |')
 
 
