@@ -108,6 +108,12 @@ def pretrain_config() -> ml_collections.ConfigDict:
   c.checkpoint.keep = 3
   c.checkpoint.enable_async = True
 
+  # Continued pretraining: start from another run's weights (a workdir, a checkpoint step dir, an exported .npz /
+  # .safetensors; local or gs://) with a fresh optimizer and schedule; the model must be the same (one-line refusal
+  # otherwise); text is tokenised with the source's own tokenizer. None: random initialisation. A restart of
+  # this run resumes its own checkpoint, never the source again.
+  c.init_from = config_dict.placeholder(str)
+
   c.log_every_steps = 50
   c.image_every_steps = 5000  # PNG grid of input / masked input / reconstruction
   return c
@@ -137,9 +143,8 @@ def finetune_config() -> ml_collections.ConfigDict:
   for name in ('mask', 'loss', 'image_every_steps'):
     del c[name]
   c.task = 'finetune'  # finetune | linear_probe
-  # The pretrained weights: a pretraining workdir, a checkpoint step dir, an exported .npz / .safetensors, a timm
-  # folder or an official SimMIM / timm .pth / .safetensors. Required unless from_scratch (checked at start).
-  c.init_from = config_dict.placeholder(str)
+  # init_from (defined in pretrain_config): here the pretrained encoder, required unless from_scratch (checked at
+  # start); also a timm folder or an official SimMIM / timm .pth / .safetensors.
   c.from_scratch = False  # True: the encoder starts from random initialisation (a baseline); init_from stays unset
   # How init_from's relative position tables follow a new window (6 -> 7, 12 -> 14): 'geometric' is SimMIM's
   # loader (geometric-progression offsets, cubic spline); 'bicubic' is the Swin-Transformer repository's.
@@ -210,7 +215,9 @@ def text_pretrain_config() -> ml_collections.ConfigDict:
   c.data.split = 'train'
   c.data.eval_split = 'validation'  # held-out masked-token loss/accuracy/perplexity; None: no evaluation
   c.data.text_key = 'text'
-  c.data.tokenizer = config_dict.placeholder(str)  # a .model from tools/train_tokenizer.py
+  # A .model from tools/train_tokenizer.py (a run saves the one it used as workdir/tokenizer.model). With init_from:
+  # None tokenises with the source's own; a different one is refused.
+  c.data.tokenizer = config_dict.placeholder(str)
   c.data.seq_len = 512
   c.data.cache_dir = config_dict.placeholder(str)  # tokenised documents saved here and reused; None: in memory
   c.data.prefetch = 2
