@@ -31,9 +31,12 @@ import tensorflow_datasets as tfds
 from simmim_jax import params_io, storage
 from simmim_jax.errors import UserError
 from simmim_jax.data import sources, tokenizer
-from simmim_jax.data.builders import pydoc_topics
+from simmim_jax.data.builders import medical_abstracts, pydoc_topics
 
 TEXT_FILES = 'text_files'  # data_dir/<split>/*.txt, one document per non-empty line
+# The embedded corpora's training texts, in their fixed order: a run with no data.tokenizer trains one on them.
+EMBEDDED_TEXTS = {pydoc_topics.NAME: lambda: [text for _, _, text in pydoc_topics.documents('train')],
+                  medical_abstracts.NAME: lambda: [e['text'] for e in medical_abstracts.examples('train')]}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +52,7 @@ class TokenCorpus:
 
 def load_tokenizer(data: ml_collections.ConfigDict, vocab_size: int,
                    init_from: str | None = None) -> spm.SentencePieceProcessor:
-  """data.tokenizer (a .model file); for the embedded corpus with none set, one trained on its train split.
+  """data.tokenizer (a .model file); for an embedded corpus with none set, one trained on its train split.
   With init_from (continued pretraining), the source's own, which data.tokenizer may only repeat."""
   if init_from:
     source = source_tokenizer(init_from)
@@ -63,7 +66,7 @@ def load_tokenizer(data: ml_collections.ConfigDict, vocab_size: int,
     return source
   if data.get('tokenizer'):
     return tokenizer.load(data.tokenizer if storage.is_url(data.tokenizer) else os.path.expanduser(data.tokenizer))
-  if data.name != pydoc_topics.NAME:
+  if data.name not in EMBEDDED_TEXTS:
     if data.name == TEXT_FILES:  # local or gs:// files: the tool reads them by glob, not through tfds
       source = f"--files='{os.path.join(data.data_dir or 'DATA_DIR', data.split, '*.txt')}'"
     else:
@@ -72,8 +75,7 @@ def load_tokenizer(data: ml_collections.ConfigDict, vocab_size: int,
                      f'`python tools/train_tokenizer.py {source} --vocab_size={vocab_size} --output=PREFIX`, then '
                      f'pass --config.data.tokenizer=PREFIX.model (model.vocab_size must equal its piece count).')
   # Deterministic and under a second: cheaper than shipping a file, and always matches model.vocab_size.
-  texts = [text for _, _, text in pydoc_topics.documents('train')]
-  return tokenizer.load(tokenizer.train(texts, vocab_size=vocab_size))
+  return tokenizer.load(tokenizer.train(EMBEDDED_TEXTS[data.name](), vocab_size=vocab_size))
 
 
 def source_tokenizer(init_from: str) -> spm.SentencePieceProcessor:
