@@ -77,7 +77,7 @@ def run_folder(path: str) -> str:
     return path.rsplit('/', 1)[0]
   if storage.path(path, 'state').is_dir():  # a step dir: workdir/checkpoints/<step>
     path = path.rsplit('/', 2)[0]
-  elif path.endswith('/checkpoints'):
+  elif path.endswith(('/checkpoints', '/best')):  # a fine-tuning run's best checkpoint too
     path = path.rsplit('/', 1)[0]
   return path
 
