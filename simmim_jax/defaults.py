@@ -2,8 +2,9 @@
 
 Config policy, followed by every recipe in configs/:
 - Each field is defined once, here, with its default and a comment. The defaults are the paper's recipe:
-  ViT-B/16 SimMIM pretraining (pretrain_config), ViT-B/16 fine-tuning (finetune_config), and the
-  BERT-base / RoBERTa-like masked-LM recipe (text_pretrain_config).
+  ViT-B/16 SimMIM pretraining (pretrain_config), ViT-B/16 fine-tuning (finetune_config), the
+  BERT-base / RoBERTa-like masked-LM recipe (text_pretrain_config) and BERT's text classification fine-tuning
+  (text_finetune_config).
 - A recipe starts from one of these and sets ONLY what differs from it, so every value a recipe sets is a
   deliberate difference (tested: tests/test_configs.py). Its docstring gives the command, the expected
   runtime and result, and the paper's full recipe as text, so a reader sees the whole of it in one place.
@@ -108,6 +109,12 @@ def pretrain_config() -> ml_collections.ConfigDict:
   c.checkpoint.keep = 3
   c.checkpoint.enable_async = True
 
+  # Continued pretraining: start from another run's weights (a workdir, a checkpoint step dir, an exported .npz /
+  # .safetensors; local or gs://) with a fresh optimizer and schedule; the model must be the same (one-line refusal
+  # otherwise); text is tokenised with the source's own tokenizer. None: random initialisation. A restart of
+  # this run resumes its own checkpoint, never the source again.
+  c.init_from = config_dict.placeholder(str)
+
   c.log_every_steps = 50
   c.image_every_steps = 5000  # PNG grid of input / masked input / reconstruction
   return c
@@ -137,9 +144,8 @@ def finetune_config() -> ml_collections.ConfigDict:
   for name in ('mask', 'loss', 'image_every_steps'):
     del c[name]
   c.task = 'finetune'  # finetune | linear_probe
-  # The pretrained weights: a pretraining workdir, a checkpoint step dir, an exported .npz / .safetensors, a timm
-  # folder or an official SimMIM / timm .pth / .safetensors. Required unless from_scratch (checked at start).
-  c.init_from = config_dict.placeholder(str)
+  # init_from (defined in pretrain_config): here the pretrained encoder, required unless from_scratch (checked at
+  # start); also a timm folder or an official SimMIM / timm .pth / .safetensors.
   c.from_scratch = False  # True: the encoder starts from random initialisation (a baseline); init_from stays unset
   # How init_from's relative position tables follow a new window (6 -> 7, 12 -> 14): 'geometric' is SimMIM's
   # loader (geometric-progression offsets, cubic spline); 'bicubic' is the Swin-Transformer repository's.
@@ -210,7 +216,9 @@ def text_pretrain_config() -> ml_collections.ConfigDict:
   c.data.split = 'train'
   c.data.eval_split = 'validation'  # held-out masked-token loss/accuracy/perplexity; None: no evaluation
   c.data.text_key = 'text'
-  c.data.tokenizer = config_dict.placeholder(str)  # a .model from tools/train_tokenizer.py
+  # A .model from tools/train_tokenizer.py (a run saves the one it used as workdir/tokenizer.model). With init_from:
+  # None tokenises with the source's own; a different one is refused.
+  c.data.tokenizer = config_dict.placeholder(str)
   c.data.seq_len = 512
   c.data.cache_dir = config_dict.placeholder(str)  # tokenised documents saved here and reused; None: in memory
   c.data.prefetch = 2
@@ -219,4 +227,46 @@ def text_pretrain_config() -> ml_collections.ConfigDict:
 
   c.eval_every_steps = 10_000
   c.eval_batches = config_dict.placeholder(int)  # None: the whole held-out split (this process's share)
+  return c
+
+
+def text_finetune_config() -> ml_collections.ConfigDict:
+  """Every field of a text classification run (task finetune or linear_probe): the fine-tuning fields with the
+  text model and data, set to BERT's GLUE fine-tuning recipe (Devlin et al. 2019, A.3): batch 32, lr 2e-5,
+  3 epochs, 10 % warmup then linear decay, weight decay 0.01, dropout 0.1, 128 tokens."""
+  c = finetune_config()
+  text = text_pretrain_config()
+  for name in ('mixup', 'rel_pos_resize'):  # image-only
+    del c[name]
+  del c.probe['block']  # ViT only
+  c.model = text.model  # as the pretraining run's (init_from must be the same model)
+  c.data = text.data
+  for name in ('cache_dir',):  # a labelled split is read whole and tokenised at the start
+    del c.data[name]
+  # 'medical_abstracts' (shipped: 5 conditions, offline); 'jsonl' (data_dir/<split>.jsonl or .jsonl.gz:
+  # {"text": ..., "label": int id or class name} a line); 'text_folder' (data_dir/<split>/<label>/*.txt, one
+  # example per file); or a prepared tfds text-classification dataset. Local or gs://.
+  c.data.name = 'medical_abstracts'
+  c.data.eval_split = 'test'  # evaluated every epoch; the best accuracy is kept in workdir/best
+  c.data.label_key = 'label'  # the label's JSON key or tfds feature (text_key: the text's)
+  c.data.seq_len = 128  # tokens per row: longer texts are truncated, shorter ones padded (segment 0)
+  # Lines (or files) that are not JSON, have no text or an unknown label: 'skip' (counted in the log) or 'fail'
+  # (one line naming the file and line). The image_folder switch of the same name.
+  c.data.bad_images = 'skip'
+  c.pool = 'mean'  # features pooled over the real tokens (padding never counted); 'first': the first token's
+  c.head_dropout = 0.1  # before the head, as BERT's classifier
+  c.head_init_scale = 1.0  # BERT's head: normal std .02
+  c.total_epochs = 3.0
+  c.batch_size = 32
+  c.optim.schedule = 'linear'
+  c.optim.base_lr = 3.2e-4  # per 512 rows: 2e-5 at 32
+  c.optim.warmup_lr = 0.0
+  c.optim.min_lr = 0.0
+  c.optim.warmup_fraction = 0.1
+  c.optim.weight_decay = 0.01
+  c.optim.eps = 1e-6
+  c.optim.clip_grad = 1.0
+  c.optim.lr_lag = 0  # as text pretraining: update k at the schedule's value at k
+  c.optim.layer_decay = 1.0  # off, as BERT; < 1 gives the embedding the lowest rate (optim.vit_layer_id)
+  c.model.drop_path_rate = 0.0  # BERT's encoder has dropout, not drop path; the head's dropout is head_dropout
   return c

@@ -25,11 +25,22 @@ class ClassifierState:
   batch_stats: Any
 
 
+def example_inputs(config: ml_collections.ConfigDict) -> tuple[jax.Array, ...]:
+  """Zero inputs of batch 1 for model.init: an image, or a text row (ids, segment ids, positions)."""
+  if config.model.name == 'text':
+    return (jnp.zeros((1, config.data.seq_len), jnp.int32),) * 3
+  size, chans = config.model.image_size, config.model.in_chans
+  return (jnp.zeros((1, size, size, chans), jnp.float32),)
+
+
+def text_inputs(batch: dict[str, jax.Array]) -> tuple[jax.Array, ...]:
+  """A text batch's model inputs: rows of ids, segment ids (0 on padding) and positions."""
+  return batch['tokens'], batch['segment_ids'], batch['positions']
+
+
 def abstract_params(model: Classifier, config: ml_collections.ConfigDict) -> Any:
   """The params' shapes (no memory), for building the optimizer before the state."""
-  size, chans = config.model.image_size, config.model.in_chans
-  images = jax.ShapeDtypeStruct((1, size, size, chans), jnp.float32)
-  return jax.eval_shape(lambda x: model.init(jax.random.key(0), x), images)['params']
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), *example_inputs(config)))['params']
 
 
 def make_optimizer(model: Classifier, config: ml_collections.ConfigDict, schedule: optim.Schedule,
@@ -49,11 +60,10 @@ def abstract_state(model: Classifier, tx: optax.GradientTransformation, config: 
                    mesh: Mesh) -> tuple[Callable[..., ClassifierState], ClassifierState, Any]:
   """(init, abstract state, shardings). init(encoder_params=None) builds the state in its shardings,
   with the given (adapted, pretrained) encoder params in place of the random ones."""
-  size, chans = config.model.image_size, config.model.in_chans
   key = jax.random.fold_in(jax.random.key(config.seed), 2**31 - 1)
 
   def init(key: jax.Array, encoder_params: Any = None) -> ClassifierState:
-    variables = model.init({'params': key}, jnp.zeros((1, size, size, chans), jnp.float32))
+    variables = model.init({'params': key}, *example_inputs(config))
     params = variables['params']
     if encoder_params is not None:
       params = {**params, 'encoder': jax.tree.map(jnp.asarray, encoder_params)}
@@ -72,23 +82,31 @@ def abstract_state(model: Classifier, tx: optax.GradientTransformation, config: 
 def make_train_step(model: Classifier, tx: optax.GradientTransformation, schedule: optim.Schedule,
                     config: ml_collections.ConfigDict, mesh: Mesh, num_classes: int,
                     state_shardings: Any) -> Callable:
-  """jit(step(state, batch) -> (state, metrics)): uint8 images normalised on device, the host-drawn random
-  erasing boxes ('erase', if present) filled, Mixup/CutMix on device, soft-target cross-entropy."""
+  """jit(step(state, batch) -> (state, metrics)): images: uint8 normalised on device, the host-drawn random
+  erasing boxes ('erase', if present) filled, Mixup/CutMix on device; text: the rows as they come, one-hot
+  targets; then soft-target cross-entropy."""
   base_key = jax.random.key(config.seed)
-  mix = config.mixup
+  mix = config.get('mixup')
 
-  def step(state: ClassifierState, batch: dict[str, jax.Array]) -> tuple[ClassifierState, dict[str, jax.Array]]:
-    step_key = jax.random.fold_in(base_key, state.step)
-    mix_key, drop_key = jax.random.split(step_key)
+  def train_inputs(step_key: jax.Array, mix_key: jax.Array,
+                   batch: dict[str, jax.Array]) -> tuple[tuple[jax.Array, ...], jax.Array]:
+    if config.model.name == 'text':
+      return text_inputs(batch), jax.nn.one_hot(batch['label'], num_classes)
     images = pixels.normalise(batch['image'], config.data.mean, config.data.std)
     if 'erase' in batch:  # timm's order: Normalize -> RandomErasing (per image) -> Mixup (per batch)
       images = pixels.erase(jax.random.fold_in(step_key, ERASE_STREAM), images, batch['erase'])
     images, targets = mixup.mixup_cutmix(mix_key, images, batch['label'], num_classes,
                                          mixup_alpha=mix.mixup_alpha, cutmix_alpha=mix.cutmix_alpha, prob=mix.prob,
                                          switch_prob=mix.switch_prob, label_smoothing=mix.label_smoothing)
+    return (images,), targets
+
+  def step(state: ClassifierState, batch: dict[str, jax.Array]) -> tuple[ClassifierState, dict[str, jax.Array]]:
+    step_key = jax.random.fold_in(base_key, state.step)
+    mix_key, drop_key = jax.random.split(step_key)
+    inputs, targets = train_inputs(step_key, mix_key, batch)
 
     def loss_fn(params):
-      logits, updates = model.apply({'params': params, 'batch_stats': state.batch_stats}, images, train=True,
+      logits, updates = model.apply({'params': params, 'batch_stats': state.batch_stats}, *inputs, train=True,
                                     rngs={'dropout': drop_key}, mutable=['batch_stats'])
       return jnp.mean(losses.cross_entropy(logits, targets)), updates.get('batch_stats', {})
 
@@ -108,13 +126,15 @@ def make_eval_step(model: Classifier, mesh: Mesh, state_shardings: Any,
   """jit(state, batch) -> integer counts {correct_top1, correct_top5, count} and the summed loss.
 
   uint8 images are normalised on device with config.data.mean / std (config None: ImageNet's, the default of
-  every recipe). Padding rows (valid = 0) count nowhere, so summing over a padded split counts every example once.
+  every recipe); text rows go in as they come. Padding rows (valid = 0) count nowhere, so summing over a padded
+  split counts every example once.
   """
-  mean, std = (config.data.mean, config.data.std) if config is not None else (IMAGENET_MEAN, IMAGENET_STD)
+  text = config is not None and config.model.name == 'text'
+  mean, std = (config.data.mean, config.data.std) if config is not None and not text else (IMAGENET_MEAN, IMAGENET_STD)
 
   def evaluate(state: ClassifierState, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    images = pixels.normalise(batch['image'], mean, std)
-    logits = model.apply({'params': state.params, 'batch_stats': state.batch_stats}, images, train=False)
+    inputs = text_inputs(batch) if text else (pixels.normalise(batch['image'], mean, std),)
+    logits = model.apply({'params': state.params, 'batch_stats': state.batch_stats}, *inputs, train=False)
     labels, valid = batch['label'], batch['valid'].astype(jnp.int32)
     top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
     nll = losses.cross_entropy(logits, jax.nn.one_hot(labels, logits.shape[-1]))

@@ -169,10 +169,11 @@ def _names(path) -> list[str]:
 
 
 def vit_layer_id(names: Sequence[str], depth: int) -> int:
-  """The official get_vit_layer on a Flax path under 'encoder' (or a head outside it): 0 .. depth + 1."""
+  """The official get_vit_layer on a Flax path under 'encoder' (or a head outside it): 0 .. depth + 1. The text
+  encoder has the same layout (its token embedding, like a patch embedding, is layer 0), as BERT's layer decay."""
   if names[0] != 'encoder':
     return depth + 1
-  if names[1] in ('cls_token', 'mask_token', 'pos_embed') or names[1].startswith('patch_embed'):
+  if names[1] in ('cls_token', 'mask_token', 'pos_embed', 'embedding') or names[1].startswith('patch_embed'):
     return 0
   block = re.fullmatch(r'blocks_(\d+)', names[1])
   return int(block.group(1)) + 1 if block else depth + 1  # rel_pos_bias and norms: the top group

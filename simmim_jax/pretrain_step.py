@@ -8,6 +8,7 @@ from typing import Any, Callable, NamedTuple
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -30,6 +31,7 @@ class Setup(NamedTuple):
   tx: optax.GradientTransformation
   schedule: optim.Schedule
   init: Callable[[], TrainState]  # builds the state directly in its shardings
+  init_with: Callable[[Any], TrainState]  # the same from given params (continued pretraining): fresh optimizer
   abstract: TrainState  # shapes and dtypes only
   shardings: Any
 
@@ -42,13 +44,24 @@ def setup(task: Task, mesh: Mesh, total_steps: int, steps_per_epoch: int) -> Set
   tx = optim.make_optimizer(config.optim, schedule, task.model.encoder.no_weight_decay)
   key = jax.random.fold_in(jax.random.key(config.seed), 2**31 - 1)  # init draws from its own stream
 
-  def init(key: jax.Array) -> TrainState:
-    params = task.model.init({'params': key}, *task.init_inputs())['params']
+  def start(params: Any) -> TrainState:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+  def init(key: jax.Array) -> TrainState:
+    return start(task.model.init({'params': key}, *task.init_inputs())['params'])
 
   abstract = jax.eval_shape(init, key)
   shardings = sharding.tree_shardings(abstract, mesh, config.mesh.fsdp_min_size)
-  return Setup(mesh, tx, schedule, lambda: jax.jit(init, out_shardings=shardings)(key), abstract, shardings)
+  start = jax.jit(start, out_shardings=shardings)
+
+  def init_with(params: Any) -> TrainState:
+    # Host arrays (the same on every process) -> global arrays in the params' shardings, each device its slice.
+    placed = jax.tree.map(lambda x, like, sh: jax.make_array_from_callback(
+        like.shape, sh, lambda index: np.asarray(x, like.dtype)[index]), params, abstract.params, shardings.params)
+    return start(placed)
+
+  return Setup(mesh, tx, schedule, lambda: jax.jit(init, out_shardings=shardings)(key), init_with, abstract,
+               shardings)
 
 
 def make_train_step(task: Task, s: Setup) -> Callable:

@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 from flax import traverse_util
 
+from simmim_jax.errors import UserError
+
 SHARED_TABLE = 'rel_pos_bias/relative_position_bias_table'
 TABLE = 'relative_position_bias_table'
 
@@ -151,3 +153,33 @@ def adapt_encoder(pretrained: dict[str, Any], target: dict[str, Any],
     out[key] = value
   report['dropped'] = outside + sorted(set(src) - set(dst))
   return traverse_util.unflatten_dict(out, sep='/'), report
+
+
+
+# Model fields that change no parameter shape: a continued run may set them differently from its source.
+FREE_MODEL_FIELDS = ('dtype', 'attention', 'remat', 'drop_path_rate', 'exempt_keywords_in_pretraining')
+
+
+def continued(source: dict[str, Any], target: Any, init_from: str,
+              differences: str = '') -> tuple[dict[str, Any], list[str]]:
+  """A source run's params for continued pretraining of the same model: every target array with its shape.
+
+  Returns (params, parts left to initialise): an encoder-only export gives the encoder, and the other top-level
+  parts (image decoder, text token head) are named for a fresh init. Anything else that differs is a different
+  model: one error naming the first array, and `differences` (the model fields that differ from the source's)."""
+  src, dst = traverse_util.flatten_dict(source, sep='/'), traverse_util.flatten_dict(target, sep='/')
+  fresh: list[str] = []
+  if not any(k.startswith('encoder/') for k in src):  # an --encoder_only export
+    src = {f'encoder/{k}': v for k, v in src.items()}
+    fresh = sorted({k.split('/')[0] for k in dst} - {'encoder'})
+  wanted = {k: v for k, v in dst.items() if k.split('/')[0] not in fresh}
+  problem = next((f'it has no {k!r}' if k not in src else f'{k!r} is {tuple(np.shape(src[k]))}, not {tuple(like.shape)}'
+                  for k, like in wanted.items() if k not in src or tuple(np.shape(src[k])) != tuple(like.shape)), None)
+  if problem is None and set(src) - set(wanted):
+    problem = f'it has {sorted(set(src) - set(wanted))[0]!r}, which this model has not'
+  if problem:
+    raise UserError(f'init_from={init_from!r} holds a different model ({problem}'
+                     f'{"; " + differences if differences else ""}): set model.* to the source run\'s (its '
+                     'config.json), or leave init_from unset to start from random weights.')
+  params = {k: np.asarray(src[k]).astype(like.dtype) for k, like in wanted.items()}
+  return traverse_util.unflatten_dict(params, sep='/'), fresh

@@ -23,6 +23,12 @@ def test_help_follows_the_defaults_function_of_the_recipe():
   assert 'from random initialisation' in finetune['from_scratch']
   assert text['model.vocab_size'] == "must equal the tokenizer's piece count"
   assert 'mask.mask_patch_size' not in text
+  # text classification: its own fields, the fine-tuning ones and the text model's, each with its help
+  classify = {name: (default, text) for name, _, default, text in config_fields.rows('configs/text_finetune_cpu.py')}
+  assert classify['pool'][1].startswith('features pooled over the real tokens')
+  assert 'from random initialisation' in classify['from_scratch'][1]
+  assert classify['model.vocab_size'][1] == "must equal the tokenizer's piece count"
+  assert classify['optim.base_lr'] == (3.2e-4, 'per 512 rows: 2e-5 at 32') and 'mixup.prob' not in classify
 
 
 def test_command_line_changed_fields_overrides_and_markdown():

@@ -7,8 +7,8 @@
 
 A field's help is the comment on its line in simmim_jax/defaults.py, or the comment lines right above it (read
 with tokenize, so the file stays the one place they are written). The default is the value of the defaults.py
-function the recipe starts from (pretrain_config, finetune_config or text_pretrain_config, chosen by task and
-model.name); `*` marks a value the recipe (or an override) changes. Override fields as in the main job:
+function the recipe starts from (pretrain_config, finetune_config, text_pretrain_config or text_finetune_config,
+chosen by task and model.name); `*` marks a value the recipe (or an override) changes. Override fields as in the main job:
   python tools/config_fields.py configs/base.py --config.total_steps=20
 `python -m simmim_jax.main --config=... --print_config` prints the resolved config alone.
 """
@@ -26,8 +26,10 @@ import ml_collections  # pylint: disable=g-import-not-at-top
 
 from simmim_jax import config_io, defaults  # pylint: disable=g-import-not-at-top
 
-FUNCTIONS = ('pretrain_config', 'finetune_config', 'text_pretrain_config')
-PARENT = {'finetune_config': 'pretrain_config', 'text_pretrain_config': 'pretrain_config'}
+FUNCTIONS = ('pretrain_config', 'finetune_config', 'text_pretrain_config', 'text_finetune_config')
+# Where each function's fields come from (their comments, earlier ones first; the function's own win).
+PARENTS = {'finetune_config': ('pretrain_config',), 'text_pretrain_config': ('pretrain_config',),
+           'text_finetune_config': ('pretrain_config', 'finetune_config', 'text_pretrain_config')}
 
 
 def _comments(source: str) -> tuple[dict[int, str], dict[int, str]]:
@@ -73,14 +75,15 @@ def field_help(path: str = defaults.__file__) -> tuple[dict[str, dict[str, str]]
       text = ' '.join(above + ([trailing[node.end_lineno]] if node.end_lineno in trailing else []))
       if text:
         helps[name] = text
-  helps = {name: {**own.get(PARENT.get(name, ''), {}), **own.get(name, {})} for name in FUNCTIONS}
+  helps = {name: {k: v for parent in (*PARENTS.get(name, ()), name) for k, v in own.get(parent, {}).items()}
+           for name in FUNCTIONS}
   return helps, order
 
 
 def defaults_for(config: ml_collections.ConfigDict) -> str:
   """The defaults.py function a config starts from."""
   if config.get('task') in ('finetune', 'linear_probe'):
-    return 'finetune_config'
+    return 'text_finetune_config' if config.model.get('name') == 'text' else 'finetune_config'
   return 'text_pretrain_config' if config.model.get('name') == 'text' else 'pretrain_config'
 
 

@@ -9,7 +9,8 @@ URLs (gs://bucket/run, gs://bucket/out.npz). --out's suffix picks the format:
   .npz: one array per parameter and nothing else (np.load reads it); the config, and the dtype of any bfloat16
         array (stored as its uint16 bits: NumPy has no bfloat16), go to `<out>.json` beside it;
   .safetensors: one file, every dtype stored as itself (bfloat16 too), the config as JSON in its metadata.
-Read either back with simmim_jax.params_io.load_params / load_config: bit-exact, bfloat16 included.
+Read either back with simmim_jax.params_io.load_params / load_config: bit-exact, bfloat16 included. A text run's
+tokenizer (workdir/tokenizer.model) is copied beside --out, where init_from finds it.
 """
 import argparse
 import os
@@ -22,6 +23,7 @@ import numpy as np
 from flax import traverse_util
 
 from simmim_jax import params_io, storage
+from simmim_jax.data import tokenizer
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -54,6 +56,10 @@ def main(argv: list[str] | None = None) -> None:
   else:
     params_io.save_safetensors(args.out, params, export_config)
     where = 'config in its metadata'
+  saved = tokenizer.saved_with(args.checkpoint)  # a text run's tokenizer travels with its weights
+  if saved is not None:
+    storage.write_bytes(os.path.join(os.path.dirname(storage.absolute(args.out)), tokenizer.FILE), saved)
+    where += f'; its tokenizer: {tokenizer.FILE} beside it'
   print(f'Wrote {len(flat)} arrays, {count:,} parameters to {args.out} ({where})')
 
 

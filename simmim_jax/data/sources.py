@@ -21,7 +21,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from simmim_jax.data import builders, folders
-from simmim_jax.data.builders import digits, mnist, pydoc_topics
+from simmim_jax.data.builders import digits, medical_abstracts, mnist, pydoc_topics
 
 try:
   # The accelerators belong to JAX; TensorFlow only runs the host-side input pipeline.
@@ -32,7 +32,7 @@ except RuntimeError:  # TF already initialised its devices elsewhere; nothing le
 IMAGE_FOLDER = 'image_folder'  # <data_dir>/<split>/<label>/*.jpg, or any folder / glob / list (data/folders.py)
 # Real datasets shipped inside installed packages: prepared locally, so they never need a download.
 _EMBEDDED = {digits.NAME: digits.ensure_prepared, mnist.NAME: mnist.ensure_prepared,
-             pydoc_topics.NAME: pydoc_topics.ensure_prepared}
+             pydoc_topics.NAME: pydoc_topics.ensure_prepared, medical_abstracts.NAME: medical_abstracts.ensure_prepared}
 
 
 class DatasetNotFoundError(ValueError):
@@ -52,7 +52,7 @@ def prepared_builder(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilde
     return tfds.ImageFolder(os.path.expanduser(data.data_dir))
   where = os.path.expanduser(data.data_dir) if data.data_dir else tfds.core.constants.DATA_DIR
   offline = (f'Without tfds: data.name={digits.NAME}, {mnist.NAME} or {IMAGE_FOLDER} for images, '
-             f'{pydoc_topics.NAME} or text_files for text.')
+             f'{pydoc_topics.NAME} or text_files for text, {medical_abstracts.NAME} for labelled text.')
   try:
     builder = tfds.builder(data.name, data_dir=data.data_dir)
   except tfds.core.DatasetNotFoundError:

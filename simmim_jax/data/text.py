@@ -28,11 +28,15 @@ import numpy as np
 import sentencepiece as spm
 import tensorflow_datasets as tfds
 
-from simmim_jax import storage
+from simmim_jax import params_io, storage
+from simmim_jax.errors import UserError
 from simmim_jax.data import sources, tokenizer
-from simmim_jax.data.builders import pydoc_topics
+from simmim_jax.data.builders import medical_abstracts, pydoc_topics
 
 TEXT_FILES = 'text_files'  # data_dir/<split>/*.txt, one document per non-empty line
+# The embedded corpora's training texts, in their fixed order: a run with no data.tokenizer trains one on them.
+EMBEDDED_TEXTS = {pydoc_topics.NAME: lambda: [text for _, _, text in pydoc_topics.documents('train')],
+                  medical_abstracts.NAME: lambda: [e['text'] for e in medical_abstracts.examples('train')]}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,11 +50,23 @@ class TokenCorpus:
     return len(self.offsets) - 1
 
 
-def load_tokenizer(data: ml_collections.ConfigDict, vocab_size: int) -> spm.SentencePieceProcessor:
-  """data.tokenizer (a .model file); for the embedded corpus with none set, one trained on its train split."""
+def load_tokenizer(data: ml_collections.ConfigDict, vocab_size: int,
+                   init_from: str | None = None) -> spm.SentencePieceProcessor:
+  """data.tokenizer (a .model file); for an embedded corpus with none set, one trained on its train split.
+  With init_from (continued pretraining), the source's own, which data.tokenizer may only repeat."""
+  if init_from:
+    source = source_tokenizer(init_from)
+    if data.get('tokenizer'):
+      own = load_tokenizer(data, vocab_size)
+      if tokenizer.fingerprint(own) != tokenizer.fingerprint(source):
+        raise UserError(f'data.tokenizer={data.tokenizer!r} is not the tokenizer init_from={init_from!r} was trained '
+                         f'with ({own.vocab_size()} vs {source.vocab_size()} pieces, fingerprints '
+                         f'{tokenizer.fingerprint(own)} vs {tokenizer.fingerprint(source)}): the embeddings are '
+                         "indexed by the source's pieces; unset data.tokenizer to tokenise with the source's own.")
+    return source
   if data.get('tokenizer'):
     return tokenizer.load(data.tokenizer if storage.is_url(data.tokenizer) else os.path.expanduser(data.tokenizer))
-  if data.name != pydoc_topics.NAME:
+  if data.name not in EMBEDDED_TEXTS:
     if data.name == TEXT_FILES:  # local or gs:// files: the tool reads them by glob, not through tfds
       source = f"--files='{os.path.join(data.data_dir or 'DATA_DIR', data.split, '*.txt')}'"
     else:
@@ -59,8 +75,21 @@ def load_tokenizer(data: ml_collections.ConfigDict, vocab_size: int) -> spm.Sent
                      f'`python tools/train_tokenizer.py {source} --vocab_size={vocab_size} --output=PREFIX`, then '
                      f'pass --config.data.tokenizer=PREFIX.model (model.vocab_size must equal its piece count).')
   # Deterministic and under a second: cheaper than shipping a file, and always matches model.vocab_size.
-  texts = [text for _, _, text in pydoc_topics.documents('train')]
-  return tokenizer.load(tokenizer.train(texts, vocab_size=vocab_size))
+  return tokenizer.load(tokenizer.train(EMBEDDED_TEXTS[data.name](), vocab_size=vocab_size))
+
+
+def source_tokenizer(init_from: str) -> spm.SentencePieceProcessor:
+  """The tokenizer a checkpoint was trained with: the one saved with it, else the one its config names (or, for
+  the embedded corpus, trains again: deterministic)."""
+  saved = tokenizer.saved_with(init_from)
+  if saved is not None:
+    return tokenizer.load(saved)
+  config = params_io.load_config(init_from)
+  if not config or 'data' not in config or 'vocab_size' not in config.get('model', {}):
+    raise ValueError(f'init_from={init_from!r} carries no tokenizer (no {tokenizer.FILE} beside it, no text config): '
+                     f'copy the .model it was trained with there as {tokenizer.FILE}, or set data.tokenizer to it.')
+  data = ml_collections.ConfigDict(config['data'])
+  return load_tokenizer(data, config['model']['vocab_size'], config.get('init_from'))
 
 
 def read_documents(data: ml_collections.ConfigDict, split: str, index: int, count: int) -> list[str]:

@@ -14,6 +14,7 @@ from simmim_jax import storage
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 MASK_PIECE = '[MASK]'
 MASK_ID = 3
+FILE = 'tokenizer.model'  # a text run's tokenizer, saved in its workdir: it travels with the checkpoints
 
 
 def train(texts: Iterable[str], *, vocab_size: int, model_type: str = 'unigram', character_coverage: float = 1.0,
@@ -66,3 +67,22 @@ def vocab_text(sp: spm.SentencePieceProcessor) -> str:
 def fingerprint(sp: spm.SentencePieceProcessor) -> str:
   """A short hash of the serialized model (keys token caches)."""
   return hashlib.sha256(sp.serialized_model_proto()).hexdigest()[:16]
+
+
+def run_folder(path: str) -> str:
+  """The folder a checkpoint path's run files live in: a workdir for a workdir, its checkpoints dir or a step
+  dir; the containing folder for a file (an exported .npz / .safetensors)."""
+  path = storage.absolute(path).rstrip('/')
+  if storage.path(path).is_file():
+    return path.rsplit('/', 1)[0]
+  if storage.path(path, 'state').is_dir():  # a step dir: workdir/checkpoints/<step>
+    path = path.rsplit('/', 2)[0]
+  elif path.endswith(('/checkpoints', '/best')):  # a fine-tuning run's best checkpoint too
+    path = path.rsplit('/', 1)[0]
+  return path
+
+
+def saved_with(path: str) -> bytes | None:
+  """The serialized tokenizer saved with a run (FILE in its workdir, or beside an export), None if there is none."""
+  saved = storage.path(run_folder(path), FILE)
+  return saved.read_bytes() if saved.is_file() else None

@@ -1,4 +1,5 @@
-"""Fine-tuning and linear-probe models: an encoder, mean pooling over its patch tokens, a linear head.
+"""Fine-tuning and linear-probe models: an encoder, mean pooling over its patch tokens, a linear head (text:
+models/text.TextClassifier, pooled over the real tokens).
 
 ViT follows the official BEiT-style fine-tuning (and timm Beit with use_fc_norm): a relative position table
 in every block, no final norm, mean pooling then a fresh `fc_norm`, head init HEAD_INIT x 0.001 (bias 0).
@@ -11,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from simmim_jax.models import build_encoder, layers
+from simmim_jax.models import build_encoder, layers, text
 
 # timm's trunc_normal_(std=.02) with its default ABSOLUTE cut-offs a=-2, b=2 (100 std): the official
 # fine-tuning head, before x0.001. Not the ViT's +-1 std rule, which only the SimMIM pretraining ViT applies.
@@ -50,6 +51,13 @@ def build_classifier(config: ml_collections.ConfigDict, num_classes: int) -> Cla
   """The model for config.task 'finetune' or 'linear_probe' (probe.block: ViT features after that block)."""
   encoder = build_encoder(config.model)
   probe = config.task == 'linear_probe'
+  scale = config.get('head_init_scale', HEAD_INIT_SCALE)  # configs saved before the field: the official one
+  head_init = layers.scaled_init(HEAD_INIT, 1.0 / scale)  # the bias is 0, so the scale leaves it 0
+  if config.model.name == 'text':
+    if config.pool not in text.POOLS:
+      raise ValueError(f'pool must be one of {text.POOLS}, got {config.pool!r}.')
+    return text.TextClassifier(encoder, num_classes, pool=config.pool, dropout=config.head_dropout,
+                               head_init=head_init, frozen=probe, batch_norm=probe and config.probe.batch_norm)
   block = config.probe.block if probe else None
   if config.model.name == 'vit':
     beit = config.model.style == 'beit'
@@ -59,8 +67,6 @@ def build_classifier(config: ml_collections.ConfigDict, num_classes: int) -> Cla
         raise ValueError(f'probe.block={block} must be in 1..{encoder.depth} (the ViT depth).')
       overrides['depth'] = block  # the first `block` blocks; later pretrained blocks are not loaded
     encoder = encoder.clone(**overrides)
-    scale = config.get('head_init_scale', HEAD_INIT_SCALE)  # configs saved before the field: the official one
-    head_init = layers.scaled_init(HEAD_INIT, 1.0 / scale)  # the bias is 0, so the scale leaves it 0
     return Classifier(encoder, num_classes, fc_norm=not probe, head_init=head_init, frozen=probe,
                       batch_norm=probe and config.probe.batch_norm)
   if block is not None:

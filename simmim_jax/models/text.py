@@ -15,6 +15,7 @@ Parameter layout (Flax names, `/`-joined as in the .npz export; C width, M mlp_d
   encoder/blocks_{i}/mlp/fc2/{kernel,bias}       (M, C), (C,)
   encoder/norm/{scale,bias}                      (C,)      final LayerNorm
   head/dense/{kernel,bias}, head/norm/{scale,bias}, head/bias (V,)   the masked-LM head (pretraining only)
+  head/{kernel,bias}                             (C, classes), (classes,)   TextClassifier's head (fine-tuning)
 Dense kernels are (in, out): a PyTorch nn.Linear weight is the transpose.
 """
 from typing import Any, ClassVar
@@ -103,6 +104,41 @@ class MaskedLM(nn.Module):
     # Gather first: the vocabulary projection runs on K masked positions per row, not all L.
     picked = jnp.take_along_axis(features, gather[..., None], axis=1)
     return heads.TokenHead(self.encoder.vocab_size, self.encoder.dtype, name='head')(picked, self.encoder.attend)
+
+
+POOLS = ('mean', 'first')
+
+
+class TextClassifier(nn.Module):
+  """Rows of ids, segment ids, positions (B, L) -> logits (B, num_classes) in float32: the encoder's features
+  averaged over the real tokens (segment id > 0: padding never counted) or the first token's, dropout, a linear
+  head. frozen=True is the linear probe, as models/classifier.Classifier: the encoder in inference mode under
+  stop_gradient, and an optional parameter-free BatchNorm before the head."""
+  encoder: TextEncoder
+  num_classes: int
+  pool: str = 'mean'
+  dropout: float = 0.0
+  head_init: Any = layers.trunc_init
+  frozen: bool = False
+  batch_norm: bool = False
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array, segment_ids: jax.Array, positions: jax.Array,
+               train: bool = False) -> jax.Array:
+    features = self.encoder(tokens, segment_ids, positions, train=train and not self.frozen)
+    if self.frozen:
+      features = jax.lax.stop_gradient(features)
+    features = features.astype(jnp.float32)
+    if self.pool == 'first':
+      x = features[:, 0]
+    else:
+      real = (segment_ids > 0).astype(jnp.float32)[..., None]
+      x = jnp.sum(features * real, axis=1) / jnp.maximum(jnp.sum(real, axis=1), 1.0)
+    if self.batch_norm:
+      x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-6, use_bias=False, use_scale=False,
+                       name='bn')(x)
+    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    return nn.Dense(self.num_classes, kernel_init=self.head_init, name='head')(x)
 
 
 def build(model, dtype) -> TextEncoder:

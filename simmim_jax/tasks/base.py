@@ -23,6 +23,7 @@ class DataSource:
   batches: Callable[[int], Iterator[Batch]]  # this process's training batches from batch `start` on
   eval_batches: Callable[[], Iterator[Batch]] | None = None  # held-out, the same batches on every call
   eval_constants: dict[str, int] = dataclasses.field(default_factory=dict)  # e.g. the unigram baseline id
+  tokenizer: bytes | None = None  # text: the serialized sentencepiece model, saved with the run's checkpoints
 
 
 Evaluate = Callable[[Any], dict[str, float]]  # params -> held-out metrics ('eval_*')

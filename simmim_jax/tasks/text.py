@@ -73,7 +73,7 @@ class TextTask(Task):
       return DataSource(100 * c.batch_size, lambda start: synthetic.token_batches(
           c.batch_size, length, c.model.vocab_size, c.seed, start, index, count))
     from simmim_jax.data import text  # pylint: disable=import-outside-toplevel  (TensorFlow only when asked)
-    sp = text.load_tokenizer(c.data, c.model.vocab_size)
+    sp = text.load_tokenizer(c.data, c.model.vocab_size, c.get('init_from'))  # init_from: the source's own
     if sp.vocab_size() != c.model.vocab_size:
       raise ValueError(f'The tokenizer has {sp.vocab_size()} pieces but model.vocab_size={c.model.vocab_size}; '
                        'set --config.model.vocab_size to match.')
@@ -89,7 +89,8 @@ class TextTask(Task):
 
     train, per_epoch = load(c.data.split)
     source = DataSource(per_epoch * c.batch_size, lambda start: text.packed_batches(
-        train, seq_len=length, batch_size=local, seed=c.seed, index=index, start_batch=start))
+        train, seq_len=length, batch_size=local, seed=c.seed, index=index, start_batch=start),
+                        tokenizer=sp.serialized_model_proto())
     if c.data.get('eval_split'):
       held_out, available = load(c.data.eval_split)
       num = c.get('eval_batches') or available

@@ -1,16 +1,21 @@
 """Fine-tuning and linear probing, top to bottom: set-up, state (pretrained encoder or random) and resume, data,
-the loop with an evaluation every epoch and the best checkpoint kept."""
+the loop with an evaluation every epoch and the best checkpoint kept. Images or text (model.name 'text'): the
+labelled data (data/labelled.py) and the model's inputs (finetune_step) are what differ."""
+import json
 import math
+import os
 from typing import Any
 
 import jax
 import ml_collections
 
-from simmim_jax import checkpoint, feed, finetune_step, metrics, optim, params_io, pretrained, sharding
-from simmim_jax.data import classification, sources
+from simmim_jax import checkpoint, feed, finetune_step, metrics, optim, params_io, pretrained, sharding, storage
+from simmim_jax.data import labelled, tokenizer
 from simmim_jax.defaults import resolve_steps, steps_per_epoch_of
 from simmim_jax.models.classifier import build_classifier
 from simmim_jax.trainers.run import Run, log
+
+LABELS_FILE = 'labels.json'  # {"classes": [names in label order]}, in the workdir of a run whose labels have names
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | None = None) -> dict[str, float]:
@@ -25,9 +30,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | N
   sharding.check_batch_size(eval_batch_size, mesh)
   if config.optim.accum_steps != 1:
     raise ValueError('Fine-tuning does not accumulate gradients: set optim.accum_steps=1 and batch_size per step.')
-  num_classes = config.num_classes or classification.num_classes(config.data)  # fails fast if data is missing
-  steps_per_epoch = steps_per_epoch_of(sources.num_examples(config.data), config.batch_size)
-  eval_examples = classification.split_examples(config.data, config.data.eval_split)  # missing: fail now
+  data = labelled.build(config)  # fails fast if the data (or its eval split) is missing
+  num_classes, eval_examples = data.num_classes, data.eval_examples
+  steps_per_epoch = steps_per_epoch_of(data.num_examples, config.batch_size)
   total_steps = resolve_steps(config, 'total', steps_per_epoch)
   eval_every = config.eval_every_steps or steps_per_epoch
   model = build_classifier(config, num_classes)
@@ -44,7 +49,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | N
       log('No init_from: the encoder starts from random initialisation.')
       return init()
     encoder, report = pretrained.adapt_encoder(params_io.load_params(config.init_from), abstract.params['encoder'],
-                                               resize=config.rel_pos_resize)
+                                               resize=config.get('rel_pos_resize', 'geometric'))
     log(f"Encoder from {config.init_from}: {len(jax.tree.leaves(encoder))} arrays; per-block tables copied from "
         f"the shared one: {len(report['copied'])}; resized: {len(report['resized'])}; dropped: "
         f"{', '.join(report['dropped']) or 'none'}.")
@@ -52,9 +57,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | N
 
   run = Run(workdir, config, total_steps, max_steps)
   state = run.restore_or_init(abstract, shardings, init_from)
+  if jax.process_index() == 0:  # saved with the run: what a label id means, and text's tokenizer (it travels)
+    if data.classes:
+      storage.write_text(os.path.join(workdir, LABELS_FILE), json.dumps({'classes': list(data.classes)}, indent=1))
+    if data.tokenizer is not None:
+      storage.write_bytes(os.path.join(workdir, tokenizer.FILE), data.tokenizer)
+  for note in data.notes:
+    log(note)
   num_params = sum(math.prod(p.shape) for p in jax.tree.leaves(abstract.params))
   log(f'{config.task} {config.model.name} {config.model.variant}: {num_params / 1e6:.2f}M parameters, '
-      f'{num_classes} classes; mesh {dict(mesh.shape)}; {total_steps} steps of {config.batch_size} images '
+      f'{num_classes} classes; mesh {dict(mesh.shape)}; {total_steps} steps of {config.batch_size} {data.unit} '
       f'({steps_per_epoch} per epoch); evaluation every {eval_every} steps on {config.data.eval_split} '
       f'({eval_examples} examples).')
   if run.nothing_to_do():
@@ -67,14 +79,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | N
   # ----------------------------------------------------------------------------------------------------
   local = config.batch_size // jax.process_count()
   batch_sharding = sharding.batch_sharding(mesh)
-  batches = feed.prefetch(classification.train_batches(config.data, image_size=config.model.image_size,
-                                                       batch_size=local, seed=config.seed, start_batch=run.start),
-                          batch_sharding, config.data.prefetch)
+  batches = feed.prefetch(data.train_batches(local, run.start), batch_sharding, config.data.prefetch)
 
   def eval_batches():
-    return (feed.to_global(b, batch_sharding) for b in classification.eval_batches(
-        config.data, image_size=config.model.image_size, batch_size=eval_batch_size // jax.process_count(),
-        split=config.data.eval_split))
+    return (feed.to_global(b, batch_sharding) for b in data.eval_batches(eval_batch_size // jax.process_count()))
 
   # ----------------------------------------------------------------------------------------------------
   # The loop: evaluate every eval_every steps and at the end; the best top-1 is kept in workdir/best.
@@ -82,7 +90,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | N
   batches, train_step = run.compile(
       finetune_step.make_train_step(model, tx, schedule, config, mesh, num_classes, shardings), state, batches)
   eval_step = finetune_step.make_eval_step(model, mesh, shardings, config)
-  writer = metrics.Writer(workdir, total_steps, config.batch_size)
+  writer = metrics.Writer(workdir, total_steps, config.batch_size, data.unit,
+                          config.data.seq_len if data.unit == 'rows' else 0)
   writer.start_timer(run.start)
   result: dict[str, Any] = {}
   with run.guard:  # SIGTERM / SIGINT: finish the step, save, return

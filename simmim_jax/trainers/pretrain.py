@@ -3,13 +3,15 @@
 One trainer for every modality: tasks.build(config) returns the task (images or text), which supplies the
 model, masks, loss, data and what it has of held-out evaluation and figures."""
 import math
+import os
 
 import jax
 import ml_collections
 
-from simmim_jax import feed, metrics, pretrain_step, sharding, tasks
+from simmim_jax import feed, metrics, params_io, pretrain_step, pretrained, sharding, storage, tasks
+from simmim_jax.data import tokenizer
 from simmim_jax.defaults import resolve_steps, steps_per_epoch_of
-from simmim_jax.trainers.run import Run, log
+from simmim_jax.trainers.run import Run, changed_fields, log
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | None = None) -> dict[str, float]:
@@ -32,8 +34,26 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, max_steps: int | N
   # ----------------------------------------------------------------------------------------------------
   # State: restored from the latest checkpoint, else initialised directly in its shardings.
   # ----------------------------------------------------------------------------------------------------
+  def init() -> pretrain_step.TrainState:
+    """Random weights; with init_from (continued pretraining) the source run's, with a fresh optimizer."""
+    if not config.get('init_from'):
+      return s.init()
+    source_config = params_io.load_config(config.init_from) or {}
+    differences = ', '.join(f'model.{k} {a!r} (here {b!r})' for k, (a, b) in changed_fields(
+        source_config.get('model', {}), config.model.to_dict()).items()
+                            if k not in pretrained.FREE_MODEL_FIELDS and a is not None)
+    params, fresh = pretrained.continued(params_io.load_params(config.init_from), s.abstract.params,
+                                         config.init_from, f'the source has {differences}' if differences else '')
+    if fresh:  # an encoder-only export: the rest as a random init would have it
+      params |= {k: v for k, v in jax.device_get(s.init().params).items() if k in fresh}
+    log(f"Continued pretraining from {config.init_from}: {len(jax.tree.leaves(params))} arrays"
+        f"{', freshly initialised: ' + ', '.join(fresh) if fresh else ''}; fresh optimizer and schedule.")
+    return s.init_with(params)
+
   run = Run(workdir, config, total_steps, max_steps)
-  state = run.restore_or_init(s.abstract, s.shardings, s.init)
+  state = run.restore_or_init(s.abstract, s.shardings, init)
+  if data.tokenizer is not None and jax.process_index() == 0:  # the tokenizer travels with the checkpoints
+    storage.write_bytes(os.path.join(workdir, tokenizer.FILE), data.tokenizer)
   num_params = sum(math.prod(p.shape) for p in jax.tree.leaves(s.abstract.params['encoder']))
   log(f'{config.model.name} {config.model.variant}: {num_params / 1e6:.2f}M encoder parameters; mesh '
       f'{dict(mesh.shape)}; {total_steps} steps of {config.batch_size} {task.unit} ({steps_per_epoch} per epoch).')
