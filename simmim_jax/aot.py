@@ -176,6 +176,7 @@ class Program:
   model_flops: float = 0.0  # per device per step, flops.py: 3x the forward of the unsharded model
   collectives: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)  # op -> (count, bytes)
   refused: str = ''  # the compiler's RESOURCE_EXHAUSTED line when the program does not fit
+  failed: str = ''  # the compiler's first line when it failed otherwise (a libtpu INTERNAL check): no verdict
 
   @property
   def total(self) -> int:
@@ -185,7 +186,7 @@ class Program:
 
   @property
   def fits(self) -> bool:
-    return not self.refused and self.total <= self.hbm_bytes
+    return not self.refused and not self.failed and self.total <= self.hbm_bytes
 
   @property
   def margin(self) -> int:
@@ -246,11 +247,14 @@ def compile_step(config: ml_collections.ConfigDict, target: Target, step: str, n
   program.model_flops = model_flops / len(devices)
   try:
     compiled = jitted.lower(*args).compile()
-  except Exception as e:  # pylint: disable=broad-except
-    if 'RESOURCE_EXHAUSTED' not in str(e):
-      raise
+  except Exception as e:  # pylint: disable=broad-except  (the compiler's own words, kept on the program)
     program.compile_s = time.perf_counter() - start
-    program.refused = next((line.strip() for line in str(e).splitlines() if 'RESOURCE_EXHAUSTED' in line), str(e))
+    if 'RESOURCE_EXHAUSTED' in str(e):
+      program.refused = next((l.strip() for l in str(e).splitlines() if 'RESOURCE_EXHAUSTED' in l), str(e))
+    elif isinstance(e, jax.errors.JaxRuntimeError):  # e.g. libtpu 0.0.42.1 on Swin-L fine-tuning for v6e
+      program.failed = str(e).strip().splitlines()[0]
+    else:
+      raise
     return program
   program.compile_s = time.perf_counter() - start
   m = compiled.memory_analysis()

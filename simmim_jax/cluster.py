@@ -16,11 +16,16 @@ import glob
 import os
 import re
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 
 TPU_PORT = 8482  # JAX's fixed coordinator port on TPU slices
 TPU_PCI_VENDOR = '0x1ae0'  # Google: Cloud TPU chips are PCI devices of this vendor
 VISIBLE_DEVICES = ('CUDA_VISIBLE_DEVICES', 'ROCR_VISIBLE_DEVICES', 'HIP_VISIBLE_DEVICES')
+# libtpu (the `aot` or `tpu` extra) is loaded by JAX on any host and looks for the TPU VM it runs on: without TPU
+# chips it prints a screen of warnings, then JAX falls back to the next platform. These say "not a TPU VM" (the
+# values tools/aot_check.py sets too); a TPU VM has chips and sets its own.
+NO_TPU_VM_ENV = {'TPU_SKIP_MDS_QUERY': '1', 'TPU_WORKER_ID': '0', 'TPU_WORKER_HOSTNAMES': 'localhost',
+                 'TPU_ACCELERATOR_TYPE': 'v4-8'}
 
 
 class ClusterError(RuntimeError):
@@ -65,6 +70,16 @@ def tpu_chips_present(sys_root: str = '/sys') -> bool:
     except OSError:
       continue
   return False
+
+
+def quiet_libtpu_without_tpu(env: MutableMapping[str, str], tpu_chips: bool) -> None:
+  """On a host without TPU chips, tells libtpu there is no TPU VM to look for (values already set are kept).
+
+  The package does it on import, before JAX starts a backend. `detect` reads the one-worker listing as a single
+  process (as on a one-host TPU VM), so no launcher is invented."""
+  if not tpu_chips:
+    for key, value in NO_TPU_VM_ENV.items():
+      env.setdefault(key, value)
 
 
 def detect(env: Mapping[str, str], *, tpu_chips: bool = False, process_per_device: bool = False,
@@ -173,9 +188,11 @@ def _explicit(env: Mapping[str, str], address: str | None, count: int | None, in
 def _tpu(env: Mapping[str, str], tpu_chips: bool) -> tuple[Plan, None] | None:
   """A TPU slice whose workers are listed in the environment (GKE, queued resources, multislice), else a TPU VM."""
   hosts = env.get('TPU_PROCESS_ADDRESSES') or env.get('TPU_WORKER_HOSTNAMES')
-  if hosts and 'TPU_WORKER_ID' in env:
-    workers = hosts.split(',')
-    slices = _int(env, 'MEGASCALE_NUM_SLICES') or 1
+  workers = hosts.split(',') if hosts else []
+  slices = _int(env, 'MEGASCALE_NUM_SLICES') or 1
+  # One worker on a host without chips is no TPU job: the listing quiet_libtpu_without_tpu sets (inherited by
+  # child processes), which must not hide a SLURM or Open MPI launcher.
+  if workers and 'TPU_WORKER_ID' in env and (tpu_chips or len(workers) * slices > 1):
     index = int(env['TPU_WORKER_ID']) + (_int(env, 'MEGASCALE_SLICE_ID') or 0) * len(workers)
     # As JAX: the multislice coordinator if there is one, else the slice's first worker, on a fixed port.
     host = (env.get('MEGASCALE_COORDINATOR_ADDRESS') or workers[0]).split(':')[0]

@@ -17,6 +17,8 @@ _UNITS = {'K': 2**10, 'M': 2**20, 'G': 2**30, 'T': 2**40}
 def need(program: aot.Program, fixed: int | None) -> float | None:
   """Bytes the program needs per device: its total when compiled; for a refusal the temporaries it names plus
   `fixed` (arguments + outputs - alias of a compiled neighbour), or None when unknown."""
+  if program.failed:
+    return None
   if not program.refused:
     return float(program.total)
   match = _REQUIRED.search(program.refused)

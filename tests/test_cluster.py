@@ -109,6 +109,22 @@ def test_tpu_slice_from_its_variables():
   assert cluster.detect({}, tpu_chips=True).launcher == 'tpu-vm'
 
 
+def test_the_no_tpu_listing_hides_no_launcher():
+  # What the package sets for libtpu on a host without chips reaches child processes: under srun it must still
+  # read as SLURM, and alone as a single process.
+  env: dict[str, str] = {}
+  cluster.quiet_libtpu_without_tpu(env, tpu_chips=False)
+  assert env == cluster.NO_TPU_VM_ENV
+  assert cluster.detect({**env, **srun(nodes=2, per_node=1, rank=1)}).launcher == 'slurm'
+  assert cluster.detect(env) == cluster.Plan('none')
+  kept = {'TPU_WORKER_HOSTNAMES': 't-0,t-1', 'TPU_WORKER_ID': '1'}
+  cluster.quiet_libtpu_without_tpu(kept, tpu_chips=False)
+  assert cluster.detect(kept).num_processes == 2  # a real listing is kept as it was
+  on_tpu: dict[str, str] = {}
+  cluster.quiet_libtpu_without_tpu(on_tpu, tpu_chips=True)
+  assert on_tpu == {}
+
+
 def test_tpu_chips_are_found_in_sysfs(tmp_path):
   for i, vendor in enumerate(['0x8086', '0x10de']):
     (tmp_path / 'bus/pci/devices' / f'0000:0{i}').mkdir(parents=True)

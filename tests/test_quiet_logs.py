@@ -7,12 +7,16 @@ import sys
 
 import pytest
 
+from simmim_jax import cluster
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def clean_env(**extra):
-  """The environment of a fresh shell: none of the TF_* settings the test process has (conftest sets some)."""
-  env = {k: v for k, v in os.environ.items() if not k.startswith('TF_')}
+  """The environment of a fresh shell: none of the TF_* or JAX_PLATFORMS settings conftest gives the test process,
+  nor what importing simmim_jax set for libtpu (JAX_PLATFORMS=cpu or those would hide what libtpu prints)."""
+  dropped = {'JAX_PLATFORMS', *cluster.NO_TPU_VM_ENV}
+  env = {k: v for k, v in os.environ.items() if not k.startswith('TF_') and k not in dropped}
   return {**env, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1', **extra}
 
 
@@ -43,6 +47,18 @@ def test_embedded_datasets_prepare_with_one_line_before_and_after(tmp_path):
   assert len(lines) == 4, lines
   assert lines[0].startswith('Preparing sklearn_digits (shipped with an installed package, nothing to download)')
   assert lines[1].startswith('Prepared sklearn_digits in ') and lines[3].startswith('Prepared pydoc_topics in ')
+
+
+def test_an_installed_libtpu_stays_quiet_on_a_host_without_tpus():
+  pytest.importorskip('libtpu')  # the aot extra; CI installs it
+  if cluster.tpu_chips_present():
+    pytest.skip('this host has TPU chips')
+  devices = 'import jax; print(jax.devices()[0].platform)'
+  # A libtpu another process holds (this one, after tests/test_aot.py) stays silent: let both load it.
+  loud = python(devices, ALLOW_MULTIPLE_LIBTPU_LOAD='1')
+  assert loud.returncode == 0 and 'TPU' in loud.stderr, loud.stderr  # what libtpu prints unless told
+  quiet = python('import simmim_jax\n' + devices, ALLOW_MULTIPLE_LIBTPU_LOAD='1')  # told: no TPU VM here
+  assert quiet.returncode == 0 and quiet.stderr == '' and quiet.stdout.strip() == 'cpu', quiet.stderr
 
 
 @pytest.mark.slow

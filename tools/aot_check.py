@@ -50,6 +50,8 @@ def gib(n: float) -> str:
 
 
 def verdict(p: aot.Program) -> str:
+  if p.failed:  # neither fits nor not: the compiler broke (counted as not fitting by --plan and --find_batch)
+    return f'COMPILE FAILED (compiler: {p.failed})'
   if p.refused:
     return f'DOES NOT FIT (compiler: {p.refused.split(":", 1)[-1].strip()})'
   word = 'FITS' if p.fits else 'DOES NOT FIT'
@@ -78,7 +80,7 @@ def line(name: str, target: aot.Target, p: aot.Program) -> str:
   head = (f'{name} {p.step} | {target.label} ({n} x {target.devices[0].device_kind}, {gib(target.hbm_bytes)} GiB) | '
           f'batch {p.per_device_batch * n} ({p.per_device_batch}/device, accum {p.accum_steps}) | mesh {mesh} | '
           f'remat {p.remat} | ')
-  if p.refused:
+  if p.refused or p.failed:
     return head + f'{verdict(p)} | compile {p.compile_s:.0f}s'
   return head + (f'args {gib(p.arguments)} out {gib(p.outputs)} temp {gib(p.temp)} alias {gib(p.alias)} -> '
                  f'{gib(p.total)} of {gib(p.hbm_bytes)} GiB: {verdict(p)} | {xla_text(p)}, '
@@ -94,7 +96,7 @@ MARKDOWN_HEAD = ('| config | step | target | global batch (per device) | mesh | 
 def markdown_row(name: str, target: aot.Target, p: aot.Program) -> str:
   n = len(target.devices)
   mesh = 'x'.join(str(v) for v in p.mesh.values())
-  if p.refused:
+  if p.refused or p.failed:
     return (f'| {name} | {p.step} | {target.label} | {p.per_device_batch * n} ({p.per_device_batch}) | {mesh} | '
             f'{p.remat} | {p.accum_steps} | | | | {verdict(p)} | | | {p.compile_s:.0f} s |')
   return (f'| {name} | {p.step} | {target.label} | {p.per_device_batch * n} ({p.per_device_batch}) | {mesh} | '
@@ -108,6 +110,8 @@ def plan_cell(p: aot.Program | None) -> str:
   """How a --plan ended on one target: the first (remat, accumulation) that fits, or that none did."""
   if p is None:
     return 'not compiled'
+  if p.failed:
+    return f'COMPILE FAILED (remat {p.remat}: {p.failed.split(":")[0]})'
   if not p.fits:
     return f'DOES NOT FIT (up to remat {p.remat}, accum {p.accum_steps})'
   how = f'{p.per_device_batch}/device, remat {p.remat}, accum {p.accum_steps}'
