@@ -2,7 +2,8 @@
 
     from simmim_jax.fill_mask import FillMask
     fill = FillMask('runs/text_tiny')                  # a workdir, a checkpoint step dir, or an exported .npz
-    fill('The [MASK] statement exits a loop.')         # per line, per mask: [(piece, probability), ...] best first
+    [[best]] = fill('The [MASK] statement exits a loop.')  # per line, per mask: a Prediction, best piece first
+    best.pieces, best.probabilities, fill.filled('The [MASK] statement exits a loop.', [best])
 
 The marker is `[MASK]` (the tokenizer's own mask piece, id 3) or `<mask>` (RoBERTa's spelling), several per
 line allowed. A line is encoded as in pretraining (its sentencepiece ids and eos, positions from 0, one segment),
