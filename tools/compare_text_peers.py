@@ -26,7 +26,7 @@ same first seq_len tokens the models see (the rows decoded back to text); it has
 Measured (2026-12-08, `--seeds 0,1,2`, 2-core CPU shared with other jobs, 27 minutes in all): project 0.519 / 0.553
 / 0.545 (mean 0.539; 116-167 s a run), transformers peer 0.586 / 0.583 / 0.558 (mean 0.576; 275-507 s a run),
 TF-IDF + LR 0.641 whole abstract, 0.583 on the first 128 tokens. The peer with --peer-dropout 0.0 (no encoder
-dropout, as the project's): 0.570 at seed 0, so dropout is part of its lead, not all of it.
+dropout, as the project's): 0.570 / 0.543 at seeds 0 / 1 (project 0.519 / 0.553): most of its lead is dropout.
 """
 import argparse
 import os
