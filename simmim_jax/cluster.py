@@ -75,8 +75,9 @@ def tpu_chips_present(sys_root: str = '/sys') -> bool:
 def quiet_libtpu_without_tpu(env: MutableMapping[str, str], tpu_chips: bool) -> None:
   """On a host without TPU chips, tells libtpu there is no TPU VM to look for (values already set are kept).
 
-  The package does it on import, before JAX starts a backend. `detect` reads the one-worker listing as a single
-  process (as on a one-host TPU VM), so no launcher is invented."""
+  The package does it on import, before JAX starts a backend. The chips are found as JAX finds them (sysfs),
+  and JAX itself sets TPU_SKIP_MDS_QUERY where it sees none. `detect` ignores a one-worker listing on a host
+  without chips, so the listing neither invents a TPU launcher nor hides SLURM or Open MPI."""
   if not tpu_chips:
     for key, value in NO_TPU_VM_ENV.items():
       env.setdefault(key, value)

@@ -193,8 +193,8 @@ def test_a_compiler_failure_is_a_verdict_not_a_crash():
                        failed='INTERNAL: LLO_CHECK failure (llo_region_builder.cc:5268)')
   tool = aot_check_module()
   assert not broken.fits and fit.need(broken, fixed=2**30) is None  # no figure to bisect on
-  assert tool.line('f.py', v6e, broken).endswith(
-      '| remat none | COMPILE FAILED (compiler: INTERNAL: LLO_CHECK failure (llo_region_builder.cc:5268)) | compile 86s')
+  assert tool.line('f.py', v6e, broken).endswith('| remat none | COMPILE FAILED (compiler: INTERNAL: LLO_CHECK '
+                                                 'failure (llo_region_builder.cc:5268)) | compile 86s')
   assert tool.plan_cell(broken) == 'COMPILE FAILED (remat none: INTERNAL)'
   assert '| COMPILE FAILED (compiler: INTERNAL' in tool.markdown_row('f.py', v6e, broken)
 

@@ -54,6 +54,7 @@ def test_one_step_on_one_and_eight_devices_agree(name):
   assert moved > 1e-4  # the step really updated the parameters (2.5e-4 x sign on the first Adam step)
 
 
+@pytest.mark.slow  # ~2 minutes: 100 steps in a fresh process
 def test_tiny_swin_config_end_to_end(tmp_path):
   # The documented command in a fresh process on one CPU device, as a user runs it. (In this process the
   # 8 forced host devices share 2 cores with tf.data, and XLA's CPU all-reduce rendezvous can time out

@@ -42,6 +42,7 @@ def data_dir(tmp_path_factory):
 SHORT = ['--config.log_every_steps=1', '--config.checkpoint.every_steps=1000', '--config.image_every_steps=1000']
 
 
+@pytest.mark.slow  # ~3-5 minutes: 150 steps of the README recipe and a rerun (resume: other default tests)
 def test_base_config_learns_and_a_rerun_resumes(tmp_path, data_dir):
   workdir = tmp_path / 'base'
   run = main_job(workdir, f'--config.data.data_dir={data_dir}', '--config.total_steps=150',
