@@ -12,6 +12,7 @@ Runtime:  100 epochs = 62.5k steps at batch 2048. A step costs ~220 GFLOPs per i
           Memory (tools/aot_check.py, compiled for TPUs): batch 2048 fits a v5p-8 (93.75 of 95 GiB per chip) but
           not a v5e-16 at 128 per chip, not even with model.remat=block (16.58 G temporaries of 15.75), nor a v4-8
           at 512 per chip (block: 45.85 G of 30.75): on v4 and v5e it needs more chips (fewer images per chip).
+          For v6e-8 libtpu 0.0.42.1 fails to compile it (INTERNAL: LLO_CHECK failure), remat none and block.
 Expected: top-1 85.4 on ImageNet-1K validation (docs/REFERENCE.md section 6; 84.8 in an independent reproduction).
 
 Recipe (docs/REFERENCE.md section 5, the official simmim_finetune__swin_large__img224_window14__800ep): as

@@ -201,7 +201,7 @@ def test_a_compiler_failure_is_a_verdict_not_a_crash():
 
 @pytest.mark.slow
 def test_swin_large_finetuning_on_v6e_is_reported_whatever_libtpu_does():
-  # libtpu 0.0.42.1 stops this compile with an INTERNAL LLO_CHECK failure (~2 minutes here); the tool reports it.
+  # libtpu 0.0.42.1 stops this compile with an INTERNAL LLO_CHECK failure (after ~15 minutes here); reported.
   config = config_io.load_config(os.path.join(ROOT, 'configs', 'finetune_swin_large.py'), ['data.name=synthetic'])
   p = aot.compile_step(config, aot.tpu_target('v6e-8'), 'finetune')
   assert p.failed.startswith('INTERNAL') or p.refused or p.total > 0, p
