@@ -10,6 +10,10 @@ Runtime:  500k steps of 8,192 rows x 512 tokens (2.1T tokens; RoBERTa's budget).
           (6 x 85M non-embedding params x 4.2M tokens, plus attention): at 40 % MFU about 4 days on a TPU
           v4-64 pod slice (32 chips), or about 4-5 days on 8 H100s. Each process tokenises its slice of C4
           once (data.cache_dir keeps it across restarts).
+Memory:   (tools/aot_check.py --plan, compiled for TPUs from a CPU host) 128 rows per chip per micro-step fit a
+          v4 chip (30.68 of 32 GiB), so batch 8192 needs --config.optim.accum_steps=2 on v4-64 (256 rows per
+          chip), 16 on v4-8; v5e-16 4 (15.04 of 16), v5p-8 8, v6e-8 8. On GPUs choose it the same way
+          (--topology h100x8 in an environment with JAX's CUDA plugin).
 Expected: held-out (C4 validation) masked-token loss ~1.5-1.8 nats (perplexity ~4.5-6), accuracy ~0.6-0.65,
           as RoBERTa-base-like models reach (the Flax MLM example: loss 1.78, accuracy 0.64); downstream
           after fine-tuning about BERT-base level (MNLI ~84, SST-2 ~92). Not run here: needs an accelerator pod.
