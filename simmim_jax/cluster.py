@@ -23,7 +23,7 @@ TPU_PCI_VENDOR = '0x1ae0'  # Google: Cloud TPU chips are PCI devices of this ven
 VISIBLE_DEVICES = ('CUDA_VISIBLE_DEVICES', 'ROCR_VISIBLE_DEVICES', 'HIP_VISIBLE_DEVICES')
 # libtpu (the `aot` or `tpu` extra) is loaded by JAX on any host and looks for the TPU VM it runs on: without TPU
 # chips it prints a screen of warnings, then JAX falls back to the next platform. These say "not a TPU VM" (the
-# values tools/aot_check.py sets too); a TPU VM has chips and sets its own.
+# values tools/aot_check.py sets, on any host); a TPU VM has chips and sets its own.
 NO_TPU_VM_ENV = {'TPU_SKIP_MDS_QUERY': '1', 'TPU_WORKER_ID': '0', 'TPU_WORKER_HOSTNAMES': 'localhost',
                  'TPU_ACCELERATOR_TYPE': 'v4-8'}
 

@@ -11,8 +11,9 @@ import sys
 import jax
 import pytest
 
-for _key, _value in {'TPU_SKIP_MDS_QUERY': '1', 'TPU_WORKER_ID': '0', 'TPU_WORKER_HOSTNAMES': 'localhost',
-                     'TPU_ACCELERATOR_TYPE': 'v4-8', 'ALLOW_MULTIPLE_LIBTPU_LOAD': '1'}.items():
+from simmim_jax import cluster  # pylint: disable=wrong-import-position
+
+for _key, _value in {**cluster.NO_TPU_VM_ENV, 'ALLOW_MULTIPLE_LIBTPU_LOAD': '1'}.items():
   os.environ.setdefault(_key, _value)  # before libtpu loads (the tool sets the same)
 
 from simmim_jax import aot, config_io, fit, sharding  # pylint: disable=wrong-import-position

@@ -31,13 +31,14 @@ import json
 import os
 import sys
 
-# libtpu looks for the TPU VM it runs on; compiling for a named topology needs none of that, so tell it (else it
-# prints a screen of warnings). Set before JAX loads libtpu.
-for _key, _value in {'JAX_PLATFORMS': 'cpu', 'TPU_SKIP_MDS_QUERY': '1', 'TPU_WORKER_ID': '0',
-                     'TPU_WORKER_HOSTNAMES': 'localhost', 'TPU_ACCELERATOR_TYPE': 'v4-8',
-                     'ALLOW_MULTIPLE_LIBTPU_LOAD': '1'}.items():  # two compiles at once do not lock each other out
-  os.environ.setdefault(_key, _value)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from simmim_jax import cluster  # pylint: disable=wrong-import-position  (no JAX: libtpu not loaded yet)
+
+# libtpu looks for the TPU VM it runs on; compiling for a named topology needs none of that, even on a TPU VM, so
+# tell it (else it prints a screen of warnings). Set before JAX loads libtpu; two compiles at once (two tools)
+# do not lock each other out.
+for _key, _value in {'JAX_PLATFORMS': 'cpu', **cluster.NO_TPU_VM_ENV, 'ALLOW_MULTIPLE_LIBTPU_LOAD': '1'}.items():
+  os.environ.setdefault(_key, _value)
 
 from simmim_jax import aot, config_io, fit  # pylint: disable=wrong-import-position
 from simmim_jax.errors import UserError  # pylint: disable=wrong-import-position

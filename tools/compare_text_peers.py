@@ -31,7 +31,6 @@ dropout, as the project's): 0.570 / 0.543 at seeds 0 / 1 (project 0.519 / 0.553)
 import argparse
 import os
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -48,6 +47,7 @@ import ml_collections  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
 from simmim_jax import config_io  # pylint: disable=g-import-not-at-top
+from tools.compare_with_timm import project_top1, with_seed  # pylint: disable=g-import-not-at-top  (one project side)
 
 DEFAULT_CONFIG = 'configs/text_finetune_cpu.py:scratch'
 
@@ -83,13 +83,6 @@ def bert_config(config: ml_collections.ConfigDict, dropout: float = 0.1) -> Bert
 
 def peer_model(config: ml_collections.ConfigDict, num_classes: int, dropout: float = 0.1) -> TextPeer:
   return TextPeer(bert_config(config, dropout), num_classes, float(config.head_dropout))
-
-
-def with_seed(config: ml_collections.ConfigDict, seed: int, steps: int | None) -> ml_collections.ConfigDict:
-  config = config_io.apply_overrides(config.copy_and_resolve_references(), [f'seed={seed}'])
-  if steps:
-    config.total_steps = steps
-  return config
 
 
 def recipe_steps(config: ml_collections.ConfigDict, num_examples: int) -> tuple[int, int]:
@@ -170,17 +163,6 @@ def tfidf_top1(config: ml_collections.ConfigDict) -> tuple[float, float]:
     return float((classifier.predict(vectorizer.transform(test_texts)) == test.labels).mean())
 
   return score(train.texts, test.texts), score(cut(train.texts), cut(test.texts))
-
-
-def project_top1(config: ml_collections.ConfigDict, *, seed: int, steps: int | None) -> float:
-  """The fine-tune trainer on the recipe, in a throw-away workdir: held-out top-1 after the last step."""
-  from simmim_jax.trainers import finetune  # pylint: disable=import-outside-toplevel
-  config = with_seed(config, seed, steps)
-  with tempfile.TemporaryDirectory() as workdir:
-    with config.unlocked():
-      config.eval_every_steps = 10**9  # one evaluation, at the end
-      config.checkpoint.every_steps = 10**9
-    return finetune.train(config, workdir)['top1']
 
 
 def main() -> None:

@@ -142,12 +142,18 @@ def peer_top1(config, train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarr
   return float((predicted.numpy() == test[1]).mean())
 
 
-def project_top1(config, *, seed: int, steps: int | None) -> float:
-  """The fine-tune trainer on the recipe, in a throw-away workdir: held-out top-1 after the last step."""
-  from simmim_jax.trainers import finetune  # pylint: disable=import-outside-toplevel
+def with_seed(config, seed: int, steps: int | None):
+  """A copy of the config at the seed and, when given, `steps` total steps."""
   config = config_io.apply_overrides(config.copy_and_resolve_references(), [f'seed={seed}'])
   if steps:
     config.total_steps = steps
+  return config
+
+
+def project_top1(config, *, seed: int, steps: int | None) -> float:
+  """The fine-tune trainer on the recipe, in a throw-away workdir: held-out top-1 after the last step."""
+  from simmim_jax.trainers import finetune  # pylint: disable=import-outside-toplevel
+  config = with_seed(config, seed, steps)
   with tempfile.TemporaryDirectory() as workdir:
     with config.unlocked():
       config.eval_every_steps = 10**9  # one evaluation, at the end
